@@ -1,0 +1,1 @@
+"""lofictl: the shell client of lofid."""

@@ -1,0 +1,3 @@
+from lofictl.cli import main
+
+raise SystemExit(main())

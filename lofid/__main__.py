@@ -1,0 +1,3 @@
+from lofid.daemon import main
+
+raise SystemExit(main())

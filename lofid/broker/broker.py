@@ -1,0 +1,356 @@
+"""The broker: the rpc methods, the job runner, progress and notification fan-out.
+
+It owns the queue, the track cache and the supervisor, and never imports numpy or
+onnxruntime: everything heavy happens in the worker process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import secrets
+import time
+from typing import Any
+
+import lofid
+from lofid import errors
+from lofid.broker.queue import Job, JobQueue
+from lofid.broker.server import Connection
+from lofid.broker.supervisor import Supervisor
+from lofid.broker.tracks import TrackCache, check_track_id, now, track_id
+from lofid.config import Settings
+from lofid.errors import LofiError
+from lofid.worker import assets
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+PROMPT_MAX = 2000
+DURATION_MIN, DURATION_MAX, DURATION_DEFAULT = 5.0, 120.0, 30.0
+SEED_MAX = 2**32 - 1
+PROGRESS_STEP = 5
+# Download sizes of the hub's variants, for the consent question (no network needed to ask it).
+APPROX_DOWNLOAD_BYTES = {"fp32": 2_250_000_000, "fp16": 1_870_000_000, "int8": 1_000_000_000}
+
+
+def _one_map(params: list, allowed: set[str]) -> dict:
+    """Every method takes at most one argument, a map with known keys."""
+    if len(params) > 1:
+        raise LofiError(errors.INVALID_PARAMS, "expected at most one argument, a map")
+    arg = params[0] if params else {}
+    if arg is None:
+        arg = {}
+    if not isinstance(arg, dict):
+        raise LofiError(errors.INVALID_PARAMS, "the argument must be a map")
+    unknown = sorted(str(k) for k in arg if k not in allowed)
+    if unknown:
+        raise LofiError(errors.INVALID_PARAMS, f"unknown key(s): {', '.join(unknown)}")
+    return arg
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def parse_generate(params: list) -> dict:
+    arg = _one_map(params, {"prompt", "duration_sec", "seed", "priority", "allow_download"})
+    prompt = arg.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise LofiError(errors.INVALID_PARAMS, "prompt is required: a non-empty string")
+    if len(prompt) > PROMPT_MAX:
+        raise LofiError(errors.INVALID_PARAMS, f"prompt is {len(prompt)} characters; at most {PROMPT_MAX}")
+    duration = arg.get("duration_sec", DURATION_DEFAULT)
+    if not _is_number(duration):
+        raise LofiError(errors.INVALID_PARAMS, "duration_sec must be a number of seconds")
+    if not (math.isfinite(duration) and DURATION_MIN <= duration <= DURATION_MAX):
+        raise LofiError(errors.INVALID_DURATION,
+                        f"duration_sec must be between {DURATION_MIN:g} and {DURATION_MAX:g}, not {duration}")
+    seed = arg.get("seed")
+    if seed is None:
+        seed = secrets.randbelow(SEED_MAX + 1)
+    elif not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX:
+        raise LofiError(errors.INVALID_PARAMS, f"seed must be an integer 0..{SEED_MAX}")
+    priority = arg.get("priority", "normal")
+    if priority not in ("normal", "high"):
+        raise LofiError(errors.INVALID_PARAMS, 'priority must be "normal" or "high"')
+    allow = arg.get("allow_download")
+    if allow is not None and not isinstance(allow, bool):
+        raise LofiError(errors.INVALID_PARAMS, "allow_download must be true or false")
+    return {"prompt": prompt, "duration_sec": float(duration), "seed": seed, "priority": priority,
+            "allow_download": allow}
+
+
+class Progress:
+    """Turns token counts into notifications at each 5 % step, with an ETA from the rate."""
+
+    def __init__(self) -> None:
+        self.next_percent = 0
+        self.percent = 0
+        self.started: float | None = None  # time of the first token
+
+    def update(self, generated: int, estimated: int) -> list[dict]:
+        t = time.monotonic()
+        if self.started is None and generated > 0:
+            self.started, self.first = t, generated
+        percent = min(99, (100 * generated) // max(1, estimated))
+        out = []
+        while self.next_percent <= percent and self.next_percent < 100:
+            eta = None
+            if self.started is not None and generated > self.first:
+                rate = (generated - self.first) / max(1e-6, t - self.started)
+                eta = round((estimated - generated) / rate, 1)
+            out.append({"percent": self.next_percent, "tokens_generated": generated,
+                        "tokens_estimated": estimated, "eta_sec": eta})
+            self.percent = self.next_percent
+            self.next_percent += PROGRESS_STEP
+        return out
+
+
+class Broker:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.cache = TrackCache(settings.cache_dir)
+        self.queue = JobQueue()
+        self.supervisor = Supervisor(settings)
+        self.subscribers: set[Connection] = set()
+        self.started = time.monotonic()
+        self.model: dict[str, Any] = {"state": "unknown", "variant": settings.variant, "model_version": None,
+                                      "device": None, "provider": None}
+        self.location: assets.ModelLocation | None = None
+        self.progress: Progress | None = None
+        self.download_waiters: set[Connection] = set()
+        self.download_variant: tuple[str, bool] | None = None  # requested (variant, force)
+        self.downloading = False
+        self.stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._locating: asyncio.Task | None = None
+
+    # -- start / stop -------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.cache.prepare)
+        self._locating = asyncio.create_task(self.locate())
+        self._runner = asyncio.create_task(self.run())
+
+    async def locate(self) -> assets.ModelLocation:
+        s = self.settings
+        loc = await asyncio.to_thread(assets.locate, s.variant, s.model_dir, hash_cache_dir=s.state_dir)
+        self.location = loc
+        self.model.update(model_version=loc.model_version)
+        if self.model["state"] in ("unknown", "missing", "present"):
+            self.model["state"] = "missing" if loc.missing else "present"
+        return loc
+
+    async def model_location(self) -> assets.ModelLocation:
+        if self.location is None:
+            await asyncio.shield(self._locating)
+        return self.location
+
+    async def stop(self) -> None:
+        self._runner.cancel()
+        for job in self.queue.drain():
+            self.fail(job, LofiError(errors.INTERNAL, "the daemon shut down before this track was generated"))
+        await self.supervisor.stop()
+
+    # -- the runner ---------------------------------------------------------------
+
+    def _kick(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            if self.download_variant is not None:
+                variant, force = self.download_variant
+                self.download_variant = None
+                await self._run_download(variant, force)
+                continue
+            job = self.queue.start_next()
+            if job is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await self._run_job(job)
+            finally:
+                self.queue.finish()
+
+    async def _run_job(self, job: Job) -> None:
+        log.info("generating %s (%g s, seed %d): %r", job.track_id, job.duration_sec, job.seed, job.prompt[:80])
+        self.progress = Progress()
+        self.fan_out(job, "generation_progress", {"track_id": job.track_id, **self.progress.update(0, 1)[0]})
+        try:
+            result = await self.supervisor.call({"op": "generate", "job": job.to_worker()},
+                                                lambda ev: self.on_worker_event(ev, job))
+            record = {"track_id": job.track_id, "prompt": job.prompt, "seed": job.seed,
+                      "duration_sec": job.duration_sec, "created_at": now(), **result}
+            record = await asyncio.to_thread(self.cache.put, record)
+        except LofiError as e:
+            self.fail(job, e)
+            if e.code == errors.MODEL_DOWNLOAD_FAILED:  # every job waiting for that model fails with it
+                for other in self.queue.drain():
+                    self.fail(other, e)
+            elif e.code == errors.MODEL_NOT_FOUND:
+                await self.locate()
+            return
+        finally:
+            self.progress = None
+        log.info("track %s complete in %.1f s", job.track_id, record.get("generation_time_sec", 0))
+        self.fan_out(job, "generation_complete", record)
+
+    async def _run_download(self, variant: str, force: bool) -> None:
+        waiters, self.download_waiters = self.download_waiters, set()
+        self.downloading = True
+        try:
+            result = await self.supervisor.call({"op": "download", "variant": variant, "force": force},
+                                                lambda ev: self.on_worker_event(ev, None, waiters))
+        except LofiError as e:
+            self.model["state"] = "missing"
+            self._broadcast(waiters, "download_error", {**e.to_dict(), "code": errors.MODEL_DOWNLOAD_FAILED}
+                            if e.code != errors.MODEL_DOWNLOAD_FAILED else e.to_dict())
+        else:
+            self._broadcast(waiters, "download_complete", {"repo": assets.REPO, **result})
+        finally:
+            self.downloading = False
+            await self.locate()
+
+    def on_worker_event(self, ev: dict, job: Job | None, waiters: set | None = None) -> None:
+        kind = ev.pop("ev")
+        if kind == "progress" and job is not None and self.progress is not None:
+            for step in self.progress.update(ev["tokens_generated"], ev["tokens_estimated"]):
+                self.fan_out(job, "generation_progress", {"track_id": job.track_id, **step})
+        elif kind == "model":
+            self.model.update(ev)
+            self.downloading = ev["state"] == "downloading"
+        elif kind == "download_progress":
+            self._broadcast(waiters if waiters is not None else job.waiters, "download_progress", ev)
+
+    # -- notifications ------------------------------------------------------------
+
+    def _broadcast(self, conns: set, method: str, payload: dict) -> None:
+        for conn in conns | self.subscribers:
+            conn.notify(method, payload)
+
+    def fan_out(self, job: Job, method: str, payload: dict) -> None:
+        self._broadcast(job.waiters, method, payload)
+
+    def fail(self, job: Job, err: LofiError) -> None:
+        log.warning("track %s failed: %s: %s", job.track_id, err.code, err.message)
+        self.fan_out(job, "generation_error", {**err.data, "track_id": job.track_id, "code": err.code,
+                                               "message": err.message})
+
+    def closed(self, conn: Connection) -> None:
+        self.subscribers.discard(conn)
+        self.download_waiters.discard(conn)
+        for job in [self.queue.running, *self.queue.pending()]:
+            if job is not None:
+                job.waiters.discard(conn)
+
+    # -- methods ------------------------------------------------------------------
+
+    async def handle(self, conn: Connection, method: str, params: list) -> Any:
+        handler = getattr(self, "rpc_" + method, None) if method.isidentifier() else None
+        if handler is None:
+            raise LofiError(errors.UNKNOWN_METHOD, f"unknown method {method!r}")
+        return await handler(conn, params)
+
+    async def rpc_generate(self, conn: Connection, params: list) -> dict:
+        req = parse_generate(params)
+        loc = await self.model_location()
+        tid = track_id(req["prompt"], req["seed"], req["duration_sec"], loc.model_version)
+        record = await asyncio.to_thread(self.cache.get, tid)
+        if record is not None:
+            return {"track_id": tid, "seed": req["seed"], "status": "complete", "position": 0, "cached": True,
+                    "path": record["path"]}
+        job = self.queue.find(tid)
+        if job is None:
+            allow = self._consent(loc, req["allow_download"])
+            job = Job(tid, req["prompt"], req["duration_sec"], req["seed"], req["priority"], allow_download=allow)
+            position = self.queue.push(job)
+            self._kick()
+            log.info("queued %s at position %d (%s)", tid, position, req["priority"])
+        job.waiters.add(conn)
+        status = "running" if job is self.queue.running else "queued"
+        return {"track_id": tid, "seed": job.seed, "status": status, "position": self.queue.position(job),
+                "cached": False}
+
+    def _consent(self, loc: assets.ModelLocation, asked: bool | None) -> bool:
+        """Whether the job may download missing files; raises MODEL_NOT_FOUND if it may not."""
+        s = self.settings
+        if not loc.missing:
+            return False
+        if s.model_dir is not None:
+            raise LofiError(errors.MODEL_NOT_FOUND, f"model files missing in {s.model_dir}: {', '.join(loc.missing)}",
+                            variant=s.variant, files=loc.missing)
+        if asked:
+            assets.give_consent(s.state_dir)
+        if s.allow_download or asked or assets.consent_given(s.state_dir):
+            return True
+        raise LofiError(errors.MODEL_NOT_FOUND,
+                        f"the {s.variant} model is not downloaded yet: about "
+                        f"{APPROX_DOWNLOAD_BYTES[s.variant] / 1e9:.1f} GB from {assets.REPO}; consent is needed",
+                        consent_required=True, repo=assets.REPO, variant=s.variant, files=loc.missing,
+                        download_bytes=APPROX_DOWNLOAD_BYTES[s.variant])
+
+    async def rpc_status(self, conn: Connection, params: list) -> dict:
+        _one_map(params, set())
+        running = self.queue.running
+        result = {
+            "version": lofid.__version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
+            "uptime_sec": round(time.monotonic() - self.started, 3),
+            "model": dict(self.model),
+            "worker": {"pid": self.supervisor.pid, "restarts": self.supervisor.restarts},
+            "queue": [{"track_id": j.track_id, "position": self.queue.position(j), "priority": j.priority,
+                       "prompt": j.prompt} for j in self.queue.pending()],
+            "downloading": self.downloading or self.download_variant is not None,
+        }
+        if running is not None:
+            result["running"] = {"track_id": running.track_id,
+                                 "percent": self.progress.percent if self.progress else 0}
+        return result
+
+    async def rpc_track(self, conn: Connection, params: list) -> dict:
+        arg = _one_map(params, {"track_id"})
+        tid = check_track_id(arg.get("track_id"))
+        record = await asyncio.to_thread(self.cache.get, tid)
+        if record is not None:
+            return record
+        job = self.queue.find(tid)
+        if job is not None:
+            return {"track_id": tid, "status": "running" if job is self.queue.running else "queued",
+                    "prompt": job.prompt, "seed": job.seed, "duration_sec": job.duration_sec,
+                    "position": self.queue.position(job)}
+        raise LofiError(errors.TRACK_NOT_FOUND, f"no track {tid}")
+
+    async def rpc_tracks(self, conn: Connection, params: list) -> list:
+        limit = _one_map(params, {"limit"}).get("limit")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+            raise LofiError(errors.INVALID_PARAMS, "limit must be a non-negative integer")
+        return await asyncio.to_thread(self.cache.list, limit)
+
+    async def rpc_download_model(self, conn: Connection, params: list) -> dict:
+        arg = _one_map(params, {"variant", "force"})
+        variant = arg.get("variant") or self.settings.variant
+        if variant not in assets.VARIANTS:
+            raise LofiError(errors.INVALID_PARAMS, f"variant must be one of {', '.join(assets.VARIANTS)}")
+        if self.settings.model_dir is not None:
+            raise LofiError(errors.INVALID_PARAMS, f"models come from --model-dir {self.settings.model_dir}; "
+                            "nothing is downloaded there")
+        assets.give_consent(self.settings.state_dir)
+        self.download_waiters.add(conn)
+        if not (self.downloading or self.download_variant is not None):
+            self.download_variant = (variant, bool(arg.get("force")))
+            self._kick()
+        return {"ok": True, "repo": assets.REPO, "variant": variant, "state": "downloading"}
+
+    async def rpc_subscribe(self, conn: Connection, params: list) -> dict:
+        _one_map(params, set())
+        self.subscribers.add(conn)
+        return {"ok": True}
+
+    async def rpc_shutdown(self, conn: Connection, params: list) -> dict:
+        _one_map(params, set())
+        log.info("shutdown requested by %r", conn)
+        asyncio.get_running_loop().call_soon(self.stopping.set)
+        return {"ok": True}

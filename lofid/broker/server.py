@@ -1,0 +1,208 @@
+"""The Unix-socket server: connections, framing, peer checks, dispatch.
+
+Each connection decodes its own byte stream; whatever a client sends can cost that
+client an error response or its connection, never the daemon or another client.
+Requests are handed to ``handler.handle(conn, method, params)``; its ``LofiError``
+becomes the rpc error map, anything else is logged and answered as INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+import stat
+import struct
+import sys
+from pathlib import Path
+from typing import Any, Protocol
+
+from lofid import errors, paths, rpc
+from lofid.errors import LofiError
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 64 * 1024
+OUTPUT_LIMIT = 4 * 1024 * 1024  # bytes queued for a client that does not read; beyond: dropped
+FRAME_TIMEOUT_SEC = 10.0  # a frame started must be finished within this
+MAX_CONNECTIONS = 256
+
+
+class Handler(Protocol):
+    async def handle(self, conn: "Connection", method: str, params: list) -> Any: ...
+
+    def closed(self, conn: "Connection") -> None: ...
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process on the other end (Linux SO_PEERCRED, macOS LOCAL_PEERCRED)."""
+    if hasattr(socket, "SO_PEERCRED"):
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[1]
+    if sys.platform == "darwin":
+        sol_local, local_peercred = 0, 1  # <sys/un.h>; the reply is a struct xucred
+        creds = sock.getsockopt(sol_local, local_peercred, struct.calcsize("2I"))
+        return struct.unpack("2I", creds[: struct.calcsize("2I")])[1]
+    return None
+
+
+class Connection:
+    _ids = itertools.count(1)
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_frame_bytes: int) -> None:
+        self.id = next(self._ids)
+        self.reader, self.writer = reader, writer
+        self.decoder = rpc.Decoder(max_frame_bytes)
+        self.subscribed = False
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"<client {self.id}>"
+
+    def send(self, data: bytes) -> None:
+        """Queue bytes for the client; a client that stopped reading is dropped."""
+        if self.closed:
+            return
+        transport = self.writer.transport
+        if transport.get_write_buffer_size() + len(data) > OUTPUT_LIMIT:
+            log.warning("%r does not read its messages; dropping it", self)
+            self.abort()
+            return
+        self.writer.write(data)
+
+    def notify(self, method: str, payload: dict) -> None:
+        self.send(rpc.notification(method, [payload]))
+
+    def reply(self, msgid: int | None, error: dict | None, result: Any = None) -> None:
+        self.send(rpc.response(msgid, error, result))
+
+    def abort(self) -> None:
+        self.closed = True
+        self.writer.transport.abort()
+
+
+class Server:
+    def __init__(self, handler: Handler, socket_path: Path, max_frame_bytes: int = rpc.MAX_FRAME_BYTES) -> None:
+        self.handler = handler
+        self.socket_path = socket_path
+        self.max_frame_bytes = max_frame_bytes
+        self.connections: set[Connection] = set()
+        self._server: asyncio.base_events.Server | None = None
+        self._owns_path = False
+
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen on ``sock`` (inherited, e.g. from systemd) or bind the socket path."""
+        if sock is None:
+            sock = self._bind()
+            self._owns_path = True
+        self._server = await asyncio.start_unix_server(self._on_client, sock=sock, limit=READ_CHUNK)
+
+    def _bind(self) -> socket.socket:
+        path = self.socket_path
+        paths.private_dir(path.parent)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:  # the lock is ours, so whatever is here belongs to a dead daemon
+            if not stat.S_ISSOCK(st.st_mode):
+                raise RuntimeError(f"{path} exists and is not a socket; refusing to remove it")
+            log.info("replacing the stale socket of a dead daemon at %s", path)
+            path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        sock.listen(64)
+        return sock
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            try:
+                conn.writer.close()
+            except Exception:
+                pass
+        if self._owns_path:
+            self.socket_path.unlink(missing_ok=True)
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = Connection(reader, writer, self.max_frame_bytes)
+        sock = writer.get_extra_info("socket")
+        uid = peer_uid(sock) if sock is not None else None
+        if uid is not None and uid != os.getuid():
+            log.warning("refusing a client of uid %d", uid)
+            writer.transport.abort()
+            return
+        if len(self.connections) >= MAX_CONNECTIONS:
+            log.warning("too many clients (%d); refusing one", MAX_CONNECTIONS)
+            writer.transport.abort()
+            return
+        self.connections.add(conn)
+        log.debug("%r connected", conn)
+        try:
+            await self._serve(conn)
+        except (ConnectionError, OSError):
+            pass
+        except Exception:
+            log.exception("%r failed", conn)
+        finally:
+            self.connections.discard(conn)
+            conn.closed = True
+            try:
+                self.handler.closed(conn)
+            finally:
+                writer.transport.abort()
+            log.debug("%r disconnected", conn)
+
+    async def _serve(self, conn: Connection) -> None:
+        while not conn.closed:
+            try:
+                if conn.decoder.pending:
+                    data = await asyncio.wait_for(conn.reader.read(READ_CHUNK), FRAME_TIMEOUT_SEC)
+                else:
+                    data = await conn.reader.read(READ_CHUNK)
+            except asyncio.TimeoutError:
+                log.warning("%r stalled mid-frame; dropping it", conn)
+                return
+            if not data:
+                return
+            try:
+                values = conn.decoder.feed(data)
+            except rpc.FrameError as e:
+                conn.reply(None, LofiError(errors.INVALID_PARAMS, f"bad frame: {e}; closing").to_dict())
+                await _drain(conn)
+                return
+            for value in values:
+                await self._on_value(conn, value)
+
+    async def _on_value(self, conn: Connection, value: Any) -> None:
+        try:
+            msg = rpc.parse(value)
+        except rpc.MessageError as e:
+            conn.reply(e.msgid, LofiError(errors.INVALID_PARAMS, str(e)).to_dict())
+            return
+        if not isinstance(msg, rpc.Request):
+            return  # clients have nothing to tell us unasked: notifications and responses are ignored
+        try:
+            result = await self.handler.handle(conn, msg.method, msg.params)
+        except LofiError as e:
+            conn.reply(msg.msgid, e.to_dict())
+        except Exception as e:
+            log.exception("%s failed", msg.method)
+            conn.reply(msg.msgid, LofiError(errors.INTERNAL, f"{type(e).__name__}: {e}").to_dict())
+        else:
+            conn.reply(msg.msgid, None, result)
+
+
+async def _drain(conn: Connection) -> None:
+    try:
+        await asyncio.wait_for(conn.writer.drain(), 1.0)
+    except Exception:
+        pass

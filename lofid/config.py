@@ -1,0 +1,195 @@
+"""Settings: one frozen object built from defaults < config.toml < environment < flags.
+
+Every setting has a config key (the field name), an environment variable
+(``LOFID_`` + the upper-cased key) and a command-line flag (``--`` + the key with
+dashes). An invalid value anywhere is a ``ConfigError`` naming the key and where it
+came from; lofid never runs with a silent default in its place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from lofid import paths
+
+VARIANTS = ("fp32", "fp16", "int8")
+DEVICES = ("auto", "cpu", "cuda", "metal")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """A setting has an invalid value; the message names the key and its source."""
+
+
+def _path(v: Any) -> Path:
+    if not isinstance(v, (str, os.PathLike)) or not str(v):
+        raise ValueError("expected a path")
+    return Path(os.path.expanduser(str(v)))
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _int(lo: int | None = None, hi: int | None = None):
+    def conv(v: Any) -> int:
+        if isinstance(v, bool) or isinstance(v, float):
+            raise ValueError("expected an integer")
+        n = int(v)
+        if lo is not None and n < lo or hi is not None and n > hi:
+            raise ValueError(f"expected an integer in {lo}..{hi if hi is not None else '∞'}")
+        return n
+
+    return conv
+
+
+def _float(lo: float, hi: float):
+    def conv(v: Any) -> float:
+        if isinstance(v, bool):
+            raise ValueError("expected a number")
+        x = float(v)
+        if not (lo <= x <= hi):  # also rejects NaN
+            raise ValueError(f"expected a number in {lo}..{hi}")
+        return x
+
+    return conv
+
+
+def _choice(options: tuple[str, ...]):
+    def conv(v: Any) -> str:
+        s = str(v).strip().lower()
+        if s not in options:
+            raise ValueError(f"expected one of {', '.join(options)}")
+        return s
+
+    return conv
+
+
+def _opt(conv):
+    """A setting whose empty value means 'unset'."""
+
+    def wrapped(v: Any):
+        if v is None or (isinstance(v, str) and v.strip() in ("", "auto", "none")):
+            return None
+        return conv(v)
+
+    return wrapped
+
+
+def _setting(default: Any, conv, help: str, *, flag: bool = True):
+    return field(default=default, metadata={"conv": conv, "help": help, "flag": flag})
+
+
+@dataclass(frozen=True)
+class Settings:
+    socket: Path = _setting(None, _path, "Unix socket path")
+    config: Path = _setting(None, _path, "config file (TOML)")
+    cache_dir: Path = _setting(None, _path, "track cache directory")
+    state_dir: Path = _setting(None, _path, "state directory (lock file, consent)")
+    model_dir: Path | None = _setting(None, _opt(_path), "local model folder in the hub layout; never downloaded to")
+    variant: str = _setting("fp16", _choice(VARIANTS), "model variant: fp32, fp16 or int8")
+    device: str = _setting("auto", _choice(DEVICES), "device: auto, cpu, cuda or metal")
+    threads: int | None = _setting(None, _opt(_int(1, 256)), "CPU threads for inference (default: auto)")
+    allow_download: bool = _setting(False, _bool, "download missing model files without asking")
+    top_k: int = _setting(250, _int(1, 2048), "sampling: top-k (1 = greedy)")
+    temperature: float = _setting(1.0, _float(1e-3, 100.0), "sampling: temperature")
+    guidance_scale: float = _setting(3.0, _float(0.0, 100.0), "classifier-free guidance scale")
+    log_level: str = _setting("info", _choice(LOG_LEVELS), "log level")
+    cache_max_mb: int | None = _setting(None, _opt(_int(1)), "track cache size cap in MB (LRU eviction)")
+    idle_exit_sec: float | None = _setting(None, _opt(_float(1.0, 1e9)), "exit after this many idle seconds")
+    worker_memory_mb: int | None = _setting(None, _opt(_int(64)), "address-space limit of the worker in MB")
+    worker_stall_sec: float = _setting(300.0, _float(0.1, 1e6), "kill a worker silent for this long mid-job")
+    max_frame_bytes: int = _setting(1 << 20, _int(1024, 1 << 30), "largest accepted msgpack-rpc frame", flag=False)
+    engine: str = _setting("lofid.worker.musicgen:MusicGen", str, "engine class (module:Class)", flag=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def env_name(key: str) -> str:
+    return "LOFID_" + key.upper()
+
+
+def _convert(key: str, value: Any, source: str) -> Any:
+    if key not in FIELDS:
+        raise ConfigError(f"{source}: unknown setting {key!r}")
+    try:
+        return FIELDS[key].metadata["conv"](value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: invalid value {value!r} for {key!r}: {e}") from None
+
+
+def _defaults_for_paths(values: dict[str, Any]) -> None:
+    values["socket"] = values["socket"] or paths.default_socket()
+    values["cache_dir"] = values["cache_dir"] or paths.default_cache_dir()
+    values["state_dir"] = values["state_dir"] or paths.default_state_dir()
+
+
+def load(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Build the effective settings. ``flags`` holds only the flags given (None = not given)."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {k: f.default for k, f in FIELDS.items()}
+
+    config_path: Path | None = None
+    explicit = False
+    if "config" in flags:
+        config_path, explicit = _convert("config", flags["config"], "--config"), True
+    elif env_name("config") in environ:
+        config_path, explicit = _convert("config", environ[env_name("config")], env_name("config")), True
+    else:
+        config_path = paths.default_config_file()
+    values["config"] = config_path
+
+    if config_path.exists():
+        try:
+            data = tomllib.loads(config_path.read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"{config_path}: cannot read config file: {e}") from None
+        for key, value in data.items():
+            if key == "config":
+                raise ConfigError(f"{config_path}: 'config' cannot be set inside the config file")
+            values[key] = _convert(key, value, str(config_path))
+    elif explicit:
+        raise ConfigError(f"config file {config_path} does not exist")
+
+    for key in FIELDS:
+        if key != "config" and env_name(key) in environ:
+            values[key] = _convert(key, environ[env_name(key)], env_name(key))
+    for key, value in flags.items():
+        if key != "config":
+            values[key] = _convert(key, value, "--" + key.replace("_", "-"))
+    _defaults_for_paths(values)
+    return Settings(**values)
+
+
+def add_arguments(parser) -> None:
+    """Add one flag per setting to an argparse parser (all default to None = not given)."""
+    for key, f in FIELDS.items():
+        if not f.metadata["flag"]:
+            continue
+        opt = "--" + key.replace("_", "-")
+        help_text = f"{f.metadata['help']} (env {env_name(key)})"
+        if f.metadata["conv"] is _bool:
+            parser.add_argument(opt, dest=key, action="store_const", const=True, default=None, help=help_text)
+        else:
+            parser.add_argument(opt, dest=key, default=None, metavar=key.upper(), help=help_text)
+
+
+def flags_from(namespace) -> dict[str, Any]:
+    return {k: getattr(namespace, k, None) for k in FIELDS}

@@ -1,0 +1,191 @@
+"""The worker process: receive a request over the pipe, do it, answer.
+
+Requests (dicts): ``{"op": "generate", "job": {...}}``, ``{"op": "download",
+"variant", "force"}``, ``{"op": "stop"}``. Every request is answered by any number of
+events (``progress``, ``model``, ``download_progress``) and then exactly one
+``{"ev": "done", "result"}`` or ``{"ev": "error", "error": {code, message, ...}}``.
+
+The worker exits when the broker's end of the pipe closes or the broker dies, so a
+killed broker never leaves an orphan generating into the void.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from lofid import errors
+from lofid.config import Settings
+from lofid.errors import LofiError
+
+log = logging.getLogger("lofid.worker")
+
+
+class _Exit(BaseException):
+    """Raised by the SIGTERM handler to leave the loop (after a file write finished)."""
+
+
+class Worker:
+    def __init__(self, conn, settings: Settings) -> None:
+        self.conn = conn
+        self.settings = settings
+        self.engine = None
+        self.engine_version: str | None = None
+        self._writing = False
+        self._term_pending = False
+
+    # -- plumbing --------------------------------------------------------------
+
+    def send(self, msg: dict[str, Any]) -> None:
+        try:
+            self.conn.send(msg)
+        except (OSError, ValueError):  # the broker is gone
+            os._exit(0)
+
+    def on_sigterm(self, signum, frame) -> None:
+        if self._writing:
+            self._term_pending = True  # finish the file first
+        else:
+            raise _Exit()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                return
+            op = msg.get("op")
+            if op == "stop":
+                return
+            handler = {"generate": self.generate, "download": self.download, "ping": lambda m: {"pong": True}}.get(op)
+            try:
+                if handler is None:
+                    raise LofiError(errors.INTERNAL, f"unknown worker request {op!r}")
+                result = handler(msg)
+            except LofiError as e:
+                self.send({"ev": "error", "error": e.to_dict()})
+            except MemoryError:
+                self.engine = None  # its buffers may be half built
+                self.send({"ev": "error", "error": {"code": errors.MODEL_INFERENCE_FAILED,
+                                                     "message": "out of memory during generation"}})
+            except Exception as e:
+                log.exception("request %s failed", op)
+                self.send({"ev": "error", "error": {"code": errors.INTERNAL, "message": f"{type(e).__name__}: {e}"}})
+            else:
+                self.send({"ev": "done", "result": result})
+
+    # -- model -----------------------------------------------------------------
+
+    def _locate(self, allow_download: bool):
+        from lofid.worker import assets
+
+        s = self.settings
+        loc = assets.locate(s.variant, s.model_dir, hash_cache_dir=s.state_dir)
+        if not loc.missing:
+            return loc
+        if s.model_dir is not None:
+            raise LofiError(errors.MODEL_NOT_FOUND,
+                            f"model files missing in {s.model_dir}: {', '.join(loc.missing)}",
+                            variant=s.variant, files=loc.missing)
+        if not allow_download:
+            raise LofiError(errors.MODEL_NOT_FOUND, f"model files missing: {', '.join(loc.missing)}",
+                            consent_required=True, repo=assets.REPO, variant=s.variant, files=loc.missing)
+        return self._download(s.variant, force=False)
+
+    def _download(self, variant: str, force: bool):
+        from lofid.worker import assets
+
+        self.send({"ev": "model", "state": "downloading", "variant": variant})
+        loc = assets.download(variant, progress=lambda p: self.send({"ev": "download_progress", **p}), force=force)
+        self.engine = None  # files may have changed under a loaded engine
+        return loc
+
+    def _ensure_engine(self, allow_download: bool):
+        loc = self._locate(allow_download)
+        if self.engine is not None and self.engine_version == loc.model_version:
+            return loc
+        s = self.settings
+        self.send({"ev": "model", "state": "loading", "variant": s.variant, "model_version": loc.model_version})
+        module, _, name = s.engine.partition(":")
+        engine_cls = getattr(importlib.import_module(module), name)
+        self.engine = engine_cls.load(loc.root, s.variant, device=s.device, threads=s.threads)
+        self.engine_version = loc.model_version
+        self.send({"ev": "model", "state": "ready", "variant": s.variant, "model_version": loc.model_version,
+                   "device": self.engine.device, "provider": self.engine.provider, "threads": self.engine.threads,
+                   "load_time_sec": round(self.engine.load_time_sec, 3)})
+        return loc
+
+    # -- requests --------------------------------------------------------------
+
+    def download(self, msg: dict) -> dict:
+        loc = self._download(msg.get("variant") or self.settings.variant, bool(msg.get("force")))
+        return {"variant": loc.variant, "model_version": loc.model_version}
+
+    def generate(self, msg: dict) -> dict:
+        from lofid.worker import wav
+
+        job = msg["job"]
+        s = self.settings
+        loc = self._ensure_engine(bool(job.get("allow_download")))
+        tid = job["track_id"]
+        started = time.monotonic()
+
+        def progress(done: int, total: int) -> None:
+            self.send({"ev": "progress", "track_id": tid, "tokens_generated": int(done), "tokens_estimated": int(total)})
+
+        audio = self.engine.generate(job["prompt"], job["duration_sec"], job["seed"], top_k=s.top_k,
+                                     temperature=s.temperature, guidance_scale=s.guidance_scale, progress=progress)
+        final = Path(s.cache_dir) / f"{tid}.wav"
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        self._writing = True
+        try:
+            wav.write(final, audio, self.engine.sample_rate, tmp)
+        except OSError as e:
+            raise LofiError(errors.STORAGE_FAILED, f"cannot write {final}: {e.strerror or e}") from None
+        finally:
+            self._writing = False
+            if self._term_pending:
+                raise _Exit()
+        return {"path": str(final), "sample_rate": self.engine.sample_rate, "model_version": loc.model_version,
+                "variant": s.variant, "device": self.engine.device,
+                "generation_time_sec": round(time.monotonic() - started, 3)}
+
+
+def _watch_parent(ppid: int) -> None:
+    """Exit at once if the broker dies (we are re-parented)."""
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != ppid:
+            os._exit(1)
+
+
+def _limit_memory(megabytes: int | None) -> None:
+    if megabytes:
+        import resource
+
+        limit = megabytes * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def run(conn, settings: Settings) -> None:
+    """Entry point of the spawned worker process."""
+    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
+                        format="lofid-worker[%(process)d] %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the broker's to handle
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file-size limit becomes an OSError, not death
+    worker = Worker(conn, settings)
+    signal.signal(signal.SIGTERM, worker.on_sigterm)
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    _limit_memory(settings.worker_memory_mb)
+    try:
+        worker.serve()
+    except _Exit:
+        log.info("worker terminated")
+    sys.exit(0)
