@@ -112,6 +112,8 @@ class Settings:
     worker_memory_mb: int | None = _setting(None, _opt(_int(64)), "address-space limit of the worker in MB")
     worker_stall_sec: float = _setting(300.0, _float(0.1, 1e6), "kill a worker silent for this long mid-job")
     max_frame_bytes: int = _setting(1 << 20, _int(1024, 1 << 30), "largest accepted msgpack-rpc frame", flag=False)
+    frame_timeout_sec: float = _setting(10.0, _float(0.05, 3600.0), "a started frame must finish within this",
+                                        flag=False)
     engine: str = _setting("lofid.worker.musicgen:MusicGen", str, "engine class (module:Class)", flag=False)
 
     def to_dict(self) -> dict[str, Any]:

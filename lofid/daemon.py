@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 async def serve(settings: config.Settings) -> int:
     loop = asyncio.get_running_loop()
     broker = Broker(settings)
-    server = Server(broker, settings.socket, settings.max_frame_bytes)
+    server = Server(broker, settings.socket, settings.max_frame_bytes, settings.frame_timeout_sec)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, sig, broker)
     await broker.start()

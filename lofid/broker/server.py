@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 64 * 1024
 OUTPUT_LIMIT = 4 * 1024 * 1024  # bytes queued for a client that does not read; beyond: dropped
-FRAME_TIMEOUT_SEC = 10.0  # a frame started must be finished within this
 MAX_CONNECTIONS = 256
 
 
@@ -84,10 +83,12 @@ class Connection:
 
 
 class Server:
-    def __init__(self, handler: Handler, socket_path: Path, max_frame_bytes: int = rpc.MAX_FRAME_BYTES) -> None:
+    def __init__(self, handler: Handler, socket_path: Path, max_frame_bytes: int = rpc.MAX_FRAME_BYTES,
+                 frame_timeout_sec: float = 10.0) -> None:
         self.handler = handler
         self.socket_path = socket_path
         self.max_frame_bytes = max_frame_bytes
+        self.frame_timeout_sec = frame_timeout_sec  # a frame started must be finished within this
         self.connections: set[Connection] = set()
         self._server: asyncio.base_events.Server | None = None
         self._owns_path = False
@@ -165,7 +166,7 @@ class Server:
         while not conn.closed:
             try:
                 if conn.decoder.pending:
-                    data = await asyncio.wait_for(conn.reader.read(READ_CHUNK), FRAME_TIMEOUT_SEC)
+                    data = await asyncio.wait_for(conn.reader.read(READ_CHUNK), self.frame_timeout_sec)
                 else:
                     data = await conn.reader.read(READ_CHUNK)
             except asyncio.TimeoutError:

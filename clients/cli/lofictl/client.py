@@ -18,7 +18,8 @@ class Disconnected(ConnectionError):
 
 
 class Client:
-    def __init__(self, path: str | Path, timeout: float = 30.0) -> None:
+    def __init__(self, path: str | Path, timeout: float | None = 30.0) -> None:
+        """``timeout``: the default wait for responses and notifications (None = forever)."""
         self.path = str(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
@@ -38,8 +39,12 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _deadline(self, timeout: float | None) -> float:
+        timeout = self.timeout if timeout is None else timeout
+        return float("inf") if timeout is None else time.monotonic() + timeout
+
     def _read(self, timeout: float) -> None:
-        self.sock.settimeout(max(0.001, timeout))
+        self.sock.settimeout(None if timeout == float("inf") else max(0.001, timeout))
         data = self.sock.recv(65536)
         if not data:
             raise Disconnected("the daemon closed the connection")
@@ -56,12 +61,15 @@ class Client:
         return msgid
 
     def response(self, msgid: int, timeout: float | None = None) -> Any:
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        deadline = self._deadline(timeout)
         while msgid not in self._responses:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no response to request {msgid}")
-            self._read(left)
+            try:
+                self._read(left)
+            except socket.timeout:
+                raise TimeoutError(f"no response to request {msgid}") from None
         msg = self._responses.pop(msgid)
         if msg.error is not None:
             raise LofiError.from_dict(msg.error if isinstance(msg.error, dict) else {"message": str(msg.error)})
@@ -73,7 +81,7 @@ class Client:
     def notification(self, timeout: float | None = None,
                      match: Callable[[str, dict], bool] | None = None) -> tuple[str, dict]:
         """The next notification (that ``match`` accepts); earlier non-matching ones are kept."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        deadline = self._deadline(timeout)
         while True:
             for i, (method, payload) in enumerate(self.notifications):
                 if match is None or match(method, payload):
