@@ -125,7 +125,7 @@ class FakeHub:
         self._thread: threading.Thread | None = None
 
     # ---------------------------------------------------------------- lifecycle
-    def start(self) -> "FakeHub":
+    def start(self) -> FakeHub:
         handler = type("Handler", (_Handler,), {"hub": self})
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
@@ -139,7 +139,7 @@ class FakeHub:
             self._server.server_close()
             self._server = None
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:  # noqa: PYI034
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -154,8 +154,15 @@ class FakeHub:
     def env(self, hf_home: Path | str, *, offline: bool = False, base: dict | None = None) -> dict:
         """An environment for a subprocess using this hub and a private HF cache."""
         env = dict(os.environ if base is None else base)
-        for k in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                  "HF_HUB_ENABLE_HF_TRANSFER", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        for k in (
+            "HF_TOKEN",
+            "HUGGING_FACE_HUB_TOKEN",
+            "HF_HUB_OFFLINE",
+            "TRANSFORMERS_OFFLINE",
+            "HF_HUB_ENABLE_HF_TRANSFER",
+            "HF_HUB_CACHE",
+            "HUGGINGFACE_HUB_CACHE",
+        ):
             env.pop(k, None)
         env.update(
             HF_ENDPOINT=self.url,
@@ -282,8 +289,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _log(self, kind: str, file: str | None, status: int) -> None:
         with self.hub._lock:
             self.hub.requests.append(
-                {"method": self.command, "path": self.path, "kind": kind, "file": file,
-                 "range": self.headers.get("Range"), "status": status, "time": time.time()}
+                {
+                    "method": self.command,
+                    "path": self.path,
+                    "kind": kind,
+                    "file": file,
+                    "range": self.headers.get("Range"),
+                    "status": status,
+                    "time": time.time(),
+                }
             )
 
     def _send(self, status: int, headers: dict, body: bytes = b"") -> None:
@@ -320,11 +334,10 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             u = urllib.parse.urlsplit(self.path)
             path = urllib.parse.unquote(u.path)
-            hub = self.hub
             if path.startswith("/api/"):
                 return self._api(path, urllib.parse.parse_qs(u.query))
             if path.startswith("/lfs-cdn/"):
-                return self._cdn(path[len("/lfs-cdn/"):])
+                return self._cdn(path[len("/lfs-cdn/") :])
             m = re.fullmatch(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)", path)
             if m:
                 return self._resolve(m["repo"], m["rev"], m["file"])
@@ -362,8 +375,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._log("resolve", file, 302)
             self._send(
                 302,
-                {**common, "Location": location, "ETag": f'"{e.git_oid}"',
-                 "X-Linked-Etag": f'"{e.sha256}"', "X-Linked-Size": str(e.size)},
+                {
+                    **common,
+                    "Location": location,
+                    "ETag": f'"{e.git_oid}"',
+                    "X-Linked-Etag": f'"{e.sha256}"',
+                    "X-Linked-Size": str(e.size),
+                },
                 b"Found. Redirecting",
             )
             return
@@ -404,8 +422,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = end - start + 1
         self._log(kind, e.path, status)
         self.send_response(status)
-        for k, v in {**headers, "Content-Length": str(length),
-                     "Content-Type": "application/octet-stream"}.items():
+        for k, v in {**headers, "Content-Length": str(length), "Content-Type": "application/octet-stream"}.items():
             self.send_header(k, v)
         self.end_headers()
         if self.command == "HEAD":
@@ -471,9 +488,18 @@ class _Handler(BaseHTTPRequestHandler):
                     if e.lfs:
                         s["lfs"] = {"sha256": e.sha256, "size": e.size, "pointerSize": e.pointer_size}
                 siblings.append(s)
-            body = {"_id": "fakehub", "id": hub.repo, "modelId": hub.repo, "sha": hub.commit,
-                    "private": False, "disabled": False, "gated": False, "tags": [],
-                    "lastModified": "2024-01-01T00:00:00.000Z", "siblings": siblings}
+            body = {
+                "_id": "fakehub",
+                "id": hub.repo,
+                "modelId": hub.repo,
+                "sha": hub.commit,
+                "private": False,
+                "disabled": False,
+                "gated": False,
+                "tags": [],
+                "lastModified": "2024-01-01T00:00:00.000Z",
+                "siblings": siblings,
+            }
             self._log("api", None, 200)
             return self._send(200, {"Content-Type": "application/json"}, json.dumps(body).encode())
         self._error(404, None, "not found", "api", None)

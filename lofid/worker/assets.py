@@ -28,11 +28,17 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
-from lofid.errors import INVALID_PARAMS, MODEL_DOWNLOAD_FAILED, MODEL_NOT_FOUND, LofiError
+from lofid.errors import (
+    INVALID_PARAMS,
+    MODEL_DOWNLOAD_FAILED,
+    MODEL_LOAD_FAILED,
+    MODEL_NOT_FOUND,
+    LofiError,
+)
 
 REPO = "gabotechs/music_gen"
 REVISION = "main"
@@ -145,8 +151,12 @@ def _locate_hub(variant: str, files: list[str], hub_cache) -> ModelLocation:
     missing = []
     for f in files:
         found = try_to_load_from_cache(REPO, f, cache_dir=str(cache), revision=commit)
-        # a str is a cached file; None or _CACHED_NO_EXIST mean we do not have it
-        if not isinstance(found, str) or not os.path.isfile(found):
+        # a str is a cached file; None or _CACHED_NO_EXIST mean we do not have it, but
+        # a .no_exist marker left by an earlier (transient) 404 must not hide a file
+        # that was downloaded since: the snapshot link is the truth
+        if not isinstance(found, str):
+            found = str(storage / "snapshots" / commit / f)
+        if not os.path.isfile(found):
             missing.append(f)
     snap = storage / "snapshots" / commit
     root = snap if snap.is_dir() else None
@@ -163,7 +173,12 @@ def _locate_local(variant: str, files: list[str], root: Path, hash_cache_dir) ->
         if not p.is_file():
             missing.append(f)
             continue
-        digest.update(f"{f}\0{cache.sha256(p)}\n".encode())
+        try:
+            digest.update(f"{f}\0{cache.sha256(p)}\n".encode())
+        except OSError as e:
+            raise LofiError(
+                MODEL_LOAD_FAILED, f"cannot read {p} in the model dir: {e.strerror or e}", variant=variant, file=f
+            ) from e
     cache.save()
     h = digest.hexdigest()[:16]
     return ModelLocation(variant, root, missing, f"local-{h}", f"local:{h}/{variant}")
@@ -216,7 +231,8 @@ class _HashCache:
     def save(self) -> None:
         if self.file is None or not self.dirty:
             return
-        data = {"version": 1, "files": self.entries}
+        live = {k: v for k, v in self.entries.items() if os.path.exists(k)}  # forget deleted files
+        data = {"version": 1, "files": live}
         try:
             _atomic_write(self.file, json.dumps(data, indent=1, sort_keys=True).encode(), 0o600)
         except OSError:
@@ -279,9 +295,7 @@ def _remote_info(variant: str) -> dict[str, _Remote]:
         if getattr(info, "size", None) is None:  # a folder
             continue
         lfs = getattr(info, "lfs", None)
-        out[info.path] = _Remote(
-            info.path, int(info.size), getattr(lfs, "sha256", None) if lfs else None, info.blob_id
-        )
+        out[info.path] = _Remote(info.path, int(info.size), getattr(lfs, "sha256", None) if lfs else None, info.blob_id)
     absent = [f for f in files if f not in out]
     if absent:
         raise LofiError(
@@ -333,12 +347,13 @@ def download(
         if loc.complete:
             return loc
     if constants.HF_HUB_OFFLINE:
-        loc = locate(variant, None, hub_cache=cache)
-        what = ", ".join(loc.missing) if not force else "the files (force)"
+        missing = locate(variant, None, hub_cache=cache).missing if not force else files
+        what = f"all {len(files)} files" if len(missing) == len(files) else ", ".join(missing)
         raise LofiError(
             MODEL_DOWNLOAD_FAILED,
             f"HF_HUB_OFFLINE is set, so {what} of model variant {variant} cannot be "
             f"downloaded from {REPO} into {cache}; unset HF_HUB_OFFLINE or use --model-dir",
+            missing=missing,
             repo=REPO,
             variant=variant,
             offline=True,
@@ -443,7 +458,23 @@ def _download_one(variant, r: _Remote, cache: Path, storage: Path, force, report
         except OSError:
             pass
         raise _download_error(e, variant, r, file_done, cache) from e
-    _verify(variant, r, Path(result["path"]), storage, fresh)
+    path = Path(result["path"])
+    _verify(variant, r, path, storage, fresh)
+    _clear_no_exist(storage, path)
+
+
+def _clear_no_exist(storage: Path, path: Path) -> None:
+    """Drop a ``.no_exist`` marker that an earlier 404 left for a file we now have.
+
+    huggingface_hub records a 404 at a commit as ``.no_exist/<commit>/<file>`` and
+    ``try_to_load_from_cache`` (used by us and by transformers & co) believes it before
+    the snapshot; once the file is downloaded at that same commit the marker is wrong.
+    """
+    try:
+        rel = path.relative_to(storage / "snapshots")
+        (storage / ".no_exist" / rel).unlink(missing_ok=True)
+    except (ValueError, OSError):
+        pass
 
 
 def _incomplete_size(incomplete: Path | None, blobs: Path, since: float) -> int | None:
@@ -509,6 +540,10 @@ def _verify(variant: str, r: _Remote, path: Path, storage: Path, fresh: bool) ->
     )
 
 
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n} bytes"
+
+
 def _chain(e: BaseException) -> Iterable[BaseException]:
     seen = set()
     while e is not None and id(e) not in seen:
@@ -535,7 +570,6 @@ def _download_error(
         import requests
         from huggingface_hub import constants
         from huggingface_hub.errors import (
-            EntryNotFoundError,
             GatedRepoError,
             OfflineModeIsEnabled,
             RepositoryNotFoundError,
@@ -557,19 +591,23 @@ def _download_error(
             offline=True,
             **data,
         )
-    if first(GatedRepoError) is not None:
-        return LofiError(MODEL_DOWNLOAD_FAILED, f"{REPO} on {endpoint} is gated: access to {what} was refused", **data)
-    if first(RepositoryNotFoundError) is not None:
-        return LofiError(MODEL_DOWNLOAD_FAILED, f"the repository {REPO} was not found on {endpoint}", status=404, **data)
-    if first(RevisionNotFoundError) is not None:
-        return LofiError(MODEL_DOWNLOAD_FAILED, f"{REPO} on {endpoint} has no branch {REVISION}", status=404, **data)
-    if first(EntryNotFoundError) is not None:
-        return LofiError(
-            MODEL_DOWNLOAD_FAILED, f"{REPO} on {endpoint} has no file {what} (HTTP 404)", status=404, **data
-        )
+    # The HTTP answer, if any, comes first. (LocalEntryNotFoundError subclasses
+    # EntryNotFoundError but means "could not ask the hub": its cause tells why.)
     http = next((x for x in chain if getattr(getattr(x, "response", None), "status_code", None)), None)
-    if http is not None and isinstance(http, requests.HTTPError):
-        status = http.response.status_code
+    status = http.response.status_code if http is not None else None
+    if first(GatedRepoError) is not None:
+        return LofiError(
+            MODEL_DOWNLOAD_FAILED, f"{REPO} on {endpoint} is gated: access to {what} was refused", status=status, **data
+        )
+    if status == 404:
+        if first(RepositoryNotFoundError) is not None:
+            msg = f"the repository {REPO} was not found on {endpoint} (HTTP 404)"
+        elif first(RevisionNotFoundError) is not None:
+            msg = f"{REPO} on {endpoint} has no branch {REVISION} (HTTP 404)"
+        else:
+            msg = f"{REPO} on {endpoint} has no file {what} (HTTP 404)"
+        return LofiError(MODEL_DOWNLOAD_FAILED, msg, status=404, **data)
+    if status is not None:
         hint = "try again later" if status >= 500 else "check HF_ENDPOINT and your token"
         return LofiError(
             MODEL_DOWNLOAD_FAILED,
@@ -579,18 +617,24 @@ def _download_error(
         )
     net = first((requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError))
     if net is not None:
-        where = f" after {file_done} of {r.size} bytes" if r is not None and file_done else ""
+        if r is None or (not file_done and isinstance(net, requests.ConnectionError)):
+            return LofiError(
+                MODEL_DOWNLOAD_FAILED,
+                f"could not reach the hub at {endpoint} for {what} ({type(net).__name__}); "
+                "check the network (or HF_ENDPOINT) and try again",
+                **data,
+            )
+        kept = f" ({_mb(file_done)} of {_mb(r.size)} kept)" if file_done else ""
         return LofiError(
             MODEL_DOWNLOAD_FAILED,
-            f"the connection to {endpoint} failed while downloading {what}{where} "
-            f"({type(net).__name__}); run the download again to resume",
+            f"the connection to {endpoint} broke while downloading {what}{kept}; run the download again to resume",
             **data,
         )
     osr = next((x for x in chain if isinstance(x, OSError) and not isinstance(x, requests.RequestException)), None)
     if osr is not None:
         place = str(cache) if cache is not None else "the Hugging Face cache"
-        if osr.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            need = f" ({r.size} bytes needed)" if r is not None else ""
+        if osr.errno in (errno.ENOSPC, errno.EDQUOT):
+            need = f" ({_mb(r.size)} needed)" if r is not None else ""
             return LofiError(
                 MODEL_DOWNLOAD_FAILED,
                 f"no space left to write {what} in {place}{need}: {osr.strerror or osr}",
@@ -602,9 +646,7 @@ def _download_error(
                 f"{what} arrived with the wrong size (the connection was probably cut); run the download again",
                 **data,
             )
-        return LofiError(
-            MODEL_DOWNLOAD_FAILED, f"could not write {what} in {place}: {osr.strerror or osr}", **data
-        )
+        return LofiError(MODEL_DOWNLOAD_FAILED, f"could not write {what} in {place}: {osr.strerror or osr}", **data)
     return LofiError(
         MODEL_DOWNLOAD_FAILED,
         f"downloading {what} from {endpoint} failed: {type(e).__name__}: {e}",
