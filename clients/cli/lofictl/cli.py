@@ -265,12 +265,6 @@ def cmd_models(args, settings) -> int:
     return 0
 
 
-def cmd_daemon(args, settings) -> int:
-    from lofid.daemon import main as lofid_main
-
-    return lofid_main(args.daemon_args)
-
-
 # -- parser ---------------------------------------------------------------------
 
 
@@ -309,17 +303,18 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--force", action="store_true", help="download again even if present (repairs corrupt files)")
     m.set_defaults(func=cmd_models)
 
-    d = sub.add_parser("daemon", help="run lofid in the foreground (same as `lofid`)", add_help=False)
-    d.add_argument("daemon_args", nargs=argparse.REMAINDER)
-    d.set_defaults(func=cmd_daemon)
+    sub.add_parser("daemon", help="run lofid in the foreground (same as `lofid`; its flags follow)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["daemon"]:  # everything after it belongs to lofid, --help and --version included
+        from lofid.daemon import main as lofid_main
+
+        return lofid_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        if args.cmd == "daemon":
-            return cmd_daemon(args, None)
         flags = {"socket": args.socket, "config": args.config}
         settings = config.load(flags)
         return args.func(args, settings)
