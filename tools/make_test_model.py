@@ -51,11 +51,7 @@ REFERENCE_CASES = [
     ("rain_50", "rainy night jazz, slow drums and warm bass", 50),
     ("chip_100", "8-bit chiptune melody", 100),
 ]
-WORDS = (
-    "lofi hip hop beat with soft piano rainy night jazz slow drums and warm bass chill "
-    "ambient synth guitar melody chiptune 8-bit calm relaxing study music vinyl crackle "
-    "a the of in for to on slow fast upbeat dreamy mellow electronic acoustic"
-).split()
+WORDS = ["lofi", "hip", "hop", "beat", "with", "soft", "piano", "rainy", "night", "jazz", "slow", "drums", "and", "warm", "bass", "chill", "ambient", "synth", "guitar", "melody", "chiptune", "8-bit", "calm", "relaxing", "study", "music", "vinyl", "crackle", "a", "the", "of", "in", "for", "to", "on", "slow", "fast", "upbeat", "dreamy", "mellow", "electronic", "acoustic"]
 
 
 def build_tokenizer() -> Tokenizer:
@@ -110,14 +106,20 @@ def build_model(text_vocab: int) -> MusicgenForConditionalGeneration:
     model = MusicgenForConditionalGeneration(config).eval()
     with torch.no_grad():
         # EnCodec codebooks start at zero, which would make the audio independent of
-        # the codes: give them real values. Scale the decoder's weights up a little so
-        # greedy codes vary instead of collapsing onto one token.
+        # the codes: give them real values. Scale the decoder's weights up so greedy
+        # codes vary instead of collapsing onto one token, and its cross-attention up so
+        # the text (and so classifier-free guidance) clearly changes the logits.
         for layer in model.audio_encoder.quantizer.layers:
             layer.codebook.embed.normal_(0.0, 1.0)
         for head in model.decoder.lm_heads:
             head.weight.normal_(0.0, 0.5)
         for emb in model.decoder.model.decoder.embed_tokens:
             emb.weight.normal_(0.0, 1.0)
+        for layer in model.decoder.model.decoder.layers:
+            attn = layer.encoder_attn
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj):
+                proj.weight.normal_(0.0, 0.5)
+        model.enc_to_dec_proj.weight.normal_(0.0, 0.5)
     gen = model.generation_config
     gen.guidance_scale = GUIDANCE
     gen.top_k = 250
