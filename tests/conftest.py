@@ -41,8 +41,8 @@ class Daemon:
         if not self.config.exists():
             self.config.write_text("")
         self.flags = flags
-        self.env = {**os.environ, "HF_HOME": str(tmp / "hf"), "PYTHONPATH": _pythonpath(),
-                    "LOFID_ENGINE": SCRIPTED_ENGINE, **(env or {})}
+        self.env = {**os.environ, "HF_HOME": str(tmp / "hf"), "LOFID_ENGINE": SCRIPTED_ENGINE, **(env or {}),
+                    "PYTHONPATH": _pythonpath()}
         self.env.pop("LOFID_SOCKET", None)
         self.proc: subprocess.Popen | None = None
         self.log = tmp / "lofid.log"
@@ -51,6 +51,8 @@ class Daemon:
         argv = [sys.executable, "-m", "lofid", "--socket", str(self.socket), "--cache-dir", str(self.cache_dir),
                 "--state-dir", str(self.state_dir), "--config", str(self.config)]
         for key, value in self.flags.items():
+            if value is None:  # not given
+                continue
             flag = "--" + key.replace("_", "-")
             argv += [flag] if value is True else [flag, str(value)]
         return argv

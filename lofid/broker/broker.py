@@ -116,7 +116,7 @@ class Broker:
         self.supervisor = Supervisor(settings)
         self.subscribers: set[Connection] = set()
         self.started = time.monotonic()
-        self.model: dict[str, Any] = {"state": "unknown", "variant": settings.variant, "model_version": None,
+        self.model: dict[str, Any] = {"state": "locating", "variant": settings.variant, "model_version": None,
                                       "device": None, "provider": None}
         self.location: assets.ModelLocation | None = None
         self.progress: Progress | None = None
@@ -139,7 +139,7 @@ class Broker:
         loc = await asyncio.to_thread(assets.locate, s.variant, s.model_dir, hash_cache_dir=s.state_dir)
         self.location = loc
         self.model.update(model_version=loc.model_version)
-        if self.model["state"] in ("unknown", "missing", "present"):
+        if self.model["state"] in ("locating", "missing", "present"):
             self.model["state"] = "missing" if loc.missing else "present"
         return loc
 
@@ -196,6 +196,8 @@ class Broker:
             return
         finally:
             self.progress = None
+        if self.location.missing:  # the worker downloaded the model for this job
+            await self.locate()
         log.info("track %s complete in %.1f s", job.track_id, record.get("generation_time_sec", 0))
         self.fan_out(job, "generation_complete", record)
 
