@@ -141,8 +141,13 @@ class ModelConfig:
 
 
 def _run(sess: ort.InferenceSession, outputs: list[str] | None, feeds: dict) -> list:
+    return _guard(lambda: sess.run(outputs, feeds))
+
+
+def _guard(call: Callable[[], object]):
+    """Run an onnxruntime call, turning its failures into MODEL_INFERENCE_FAILED."""
     try:
-        return sess.run(outputs, feeds)
+        return call()
     except MemoryError:
         raise
     except Exception as e:  # onnxruntime raises its own exception types
@@ -177,36 +182,55 @@ class _Decoder:
         self.step_inputs = {i.name for i in with_past.get_inputs()}
         self.dec_names = [n for n in self.past_names if ".decoder." in n]
         self.step_outputs = ["logits"] + [self._present(n) for n in self.dec_names]
-        self.cache: dict[str, np.ndarray] = {}
+        self.device_type = "cuda" if first.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.cache: dict[str, ort.OrtValue] = {}
 
     @staticmethod
     def _present(past_name: str) -> str:
         return past_name.replace("past_key_values.", "present.", 1)
 
+    def _value(self, array: np.ndarray) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, 0)
+
+    def _bound_run(self, sess: ort.InferenceSession, inputs: dict, outputs: list[str]) -> list:
+        """Run through IOBinding: the KV cache stays in onnxruntime's OrtValues (on the
+        device for CUDA) and is bound straight back as the next step's past, with no
+        copy into numpy and back. Only the logits are read out."""
+        binding = sess.io_binding()
+        for name, value in inputs.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, value)
+        for name in outputs:
+            binding.bind_output(name, self.device_type)
+        _guard(lambda: sess.run_with_iobinding(binding))
+        return binding.get_outputs()
+
     def begin(self, ids: np.ndarray, hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """ids ``[2K, L]`` -> logits of the last position ``[2K, V]``; fills the cache."""
-        feeds = {"input_ids": ids, "encoder_hidden_states": hidden,
-                 "encoder_attention_mask": mask}
+        self.hidden, self.mask = self._value(hidden), self._value(mask)
+        inputs = {"input_ids": ids, "encoder_hidden_states": self.hidden,
+                  "encoder_attention_mask": self.mask}
         if self.merged:
             empty = np.zeros((hidden.shape[0], self.heads, 0, self.head_dim), self.dtype)
-            feeds.update({n: empty for n in self.past_names})
-            feeds["use_cache_branch"] = np.array([False])
+            inputs.update({n: empty for n in self.past_names})
+            inputs["use_cache_branch"] = np.array([False])
         names = ["logits"] + [self._present(n) for n in self.past_names]
-        out = _run(self.first, names, feeds)
-        self.cache = dict(zip(self.past_names, out[1:]))
-        self.hidden, self.mask = hidden, mask
-        return out[0][:, -1]
+        out = self._bound_run(self.first, inputs, names)
+        self.cache = dict(zip(self.past_names, out[1:]))   # encoder K/V: computed once
+        return out[0].numpy()[:, -1]
 
     def step(self, ids: np.ndarray) -> np.ndarray:
         """ids ``[2K, 1]`` -> logits ``[2K, V]``; appends to the decoder cache."""
-        feeds = {"input_ids": ids, "encoder_attention_mask": self.mask, **self.cache}
+        inputs = {"input_ids": ids, "encoder_attention_mask": self.mask, **self.cache}
         if "encoder_hidden_states" in self.step_inputs:
-            feeds["encoder_hidden_states"] = self.hidden
+            inputs["encoder_hidden_states"] = self.hidden
         if self.merged:
-            feeds["use_cache_branch"] = np.array([True])
-        out = _run(self.with_past, self.step_outputs, feeds)
+            inputs["use_cache_branch"] = np.array([True])
+        out = self._bound_run(self.with_past, inputs, self.step_outputs)
         self.cache.update(zip(self.dec_names, out[1:]))
-        return out[0][:, -1]
+        return out[0].numpy()[:, -1]
 
 
 class MusicGen:
