@@ -36,7 +36,7 @@ from lofid.errors import (
     LofiError,
 )
 from lofid.worker import delay
-from lofid.worker.device import resolve_threads, select, session_options
+from lofid.worker.device import INSTALL_HINT, PROVIDER, resolve_threads, select, session_options
 from lofid.worker.sampling import SamplingParams, guide, sample
 
 Progress = Callable[[int, int], None]
@@ -287,6 +287,14 @@ class MusicGen:
         sessions = {role: cls._session(root, rel, opts, choice.providers)
                     for role, rel in spec.items()}
         first = sessions["decoder"]
+        used = first.get_providers()[0]
+        device_used = next((d for d, p in PROVIDER.items() if p == used), "cpu")
+        if (device or "auto").lower() != "auto" and device_used != choice.device:
+            # onnxruntime falls back to the CPU when a provider's libraries fail to load
+            raise LofiError(MODEL_LOAD_FAILED, f"onnxruntime could not start {used!r} for "
+                            f"device {choice.device!r} (it fell back to {used}); "
+                            f"{INSTALL_HINT.get(choice.device, '')}, or use --device cpu",
+                            device=choice.device)
         try:
             decoder = _Decoder(first, sessions.get("decoder_with_past", first), config)
             if "audio_codes" not in {i.name for i in sessions["encodec"].get_inputs()}:
@@ -296,7 +304,7 @@ class MusicGen:
                             f"{REPAIR}", variant=variant) from e
         return cls(root=root, variant=variant, config=config, tokenizer=tokenizer,
                    text_encoder=sessions["text_encoder"], decoder=decoder,
-                   encodec=sessions["encodec"], device=choice.device, threads=n_threads,
+                   encodec=sessions["encodec"], device=device_used, threads=n_threads,
                    load_time_sec=time.perf_counter() - start)
 
     @staticmethod
