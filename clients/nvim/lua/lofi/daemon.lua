@@ -1,0 +1,244 @@
+-- The connection to lofid: where its socket is, connecting on demand, starting it
+-- detached when asked (auto_start), and reconnecting after it went away.
+local uv = vim.uv or vim.loop
+local errors = require("lofi.errors")
+local rpc = require("lofi.rpc")
+
+local M = {}
+
+local listeners = { notification = {}, connect = {}, disconnect = {} }
+M.client = nil ---@type lofi.rpc.Client|nil
+M.starting = nil -- callbacks waiting for an auto-start in progress
+M.reconnect_timer = nil
+M.last_start = nil -- {pid, cmd, log, exit_code} of the last auto-start, for :checkhealth
+
+local function config()
+  return require("lofi").config
+end
+
+local function is_private_dir(path, uid)
+  local st = uv.fs_lstat(path)
+  return st ~= nil and st.type == "directory" and st.uid == uid and st.mode % 512 == 448 -- 0700
+end
+
+--- The socket lofid listens on by default (mirrors lofid.paths.default_socket):
+--- $LOFID_SOCKET, else $XDG_RUNTIME_DIR/lofid/lofid.sock, else platformdirs' fallback.
+M.default_socket = function()
+  local env = vim.env.LOFID_SOCKET
+  if env and env ~= "" then
+    return env
+  end
+  local runtime = vim.env.XDG_RUNTIME_DIR
+  if runtime and runtime ~= "" then
+    return runtime .. "/lofid/lofid.sock"
+  end
+  if vim.fn.has("mac") == 1 then
+    return vim.fn.expand("~/Library/Caches/TemporaryItems/lofid/lofid.sock")
+  end
+  local uid = uv.getuid()
+  local base = "/run/user/" .. uid
+  if not is_private_dir(base, uid) then
+    local tmp = vim.env.TMPDIR
+    if not (tmp and tmp:sub(1, 1) == "/") then
+      tmp = "/tmp"
+    end
+    base = tmp:gsub("/+$", "") .. "/runtime-" .. uid
+  end
+  return base .. "/lofid/lofid.sock"
+end
+
+M.socket_path = function()
+  local socket = config().socket
+  if type(socket) == "string" and socket ~= "" then
+    return vim.fn.expand(socket)
+  end
+  return M.default_socket()
+end
+
+M.log_path = function()
+  return vim.fn.expand(config().log_file)
+end
+
+--- Listen to "notification" (method, payload), "connect" (), "disconnect" (err).
+M.on = function(event, fn)
+  table.insert(listeners[event], fn)
+end
+
+local function emit(event, ...)
+  for _, fn in ipairs(listeners[event]) do
+    rpc.safe_call(fn, ...)
+  end
+end
+
+local function get_client()
+  local path = M.socket_path()
+  if M.client and M.client.path ~= path then
+    M.client:close()
+    M.client = nil
+  end
+  if not M.client then
+    M.client = rpc.new({
+      path = path,
+      on_notification = function(method, payload)
+        emit("notification", method, payload)
+      end,
+      on_connect = function()
+        M.stop_reconnect()
+        emit("connect")
+      end,
+      on_close = function(err)
+        emit("disconnect", err)
+        M.reconnect()
+      end,
+    })
+  end
+  return M.client
+end
+
+M.is_connected = function()
+  return M.client ~= nil and M.client:is_connected()
+end
+
+--- Connect (starting lofid first when auto_start is on); cb(err, client).
+M.ensure = function(cb)
+  local client = get_client()
+  if client:is_connected() then
+    return cb(nil, client)
+  end
+  client:connect(function(err)
+    if not err then
+      return cb(nil, client)
+    end
+    if not config().auto_start then
+      err.message = err.message .. "; start it with `lofid` (or setup({ auto_start = true }))"
+      return cb(err)
+    end
+    M.start(function(start_err)
+      cb(start_err, not start_err and client or nil)
+    end)
+  end)
+end
+
+--- A request that connects first; cb(err, result) on the main loop.
+M.request = function(method, arg, cb, opts)
+  opts = opts or {}
+  M.ensure(function(err, client)
+    if err then
+      return cb(err)
+    end
+    client:request(method, arg, cb, { timeout_ms = opts.timeout_ms or config().request_timeout_ms })
+  end)
+end
+
+local function lofid_argv()
+  local cmd = config().lofid_cmd
+  local argv = type(cmd) == "string" and { cmd } or vim.deepcopy(cmd)
+  table.insert(argv, "--socket")
+  table.insert(argv, M.socket_path())
+  return argv
+end
+
+--- Start lofid detached (it outlives the editor), logging to log_file, and wait until it
+--- answers; cb(err). Concurrent callers share one start.
+M.start = function(cb)
+  if M.starting then
+    return table.insert(M.starting, cb)
+  end
+  M.starting = { cb }
+  local function finish(err)
+    local waiters = M.starting or {}
+    M.starting = nil
+    for _, waiter in ipairs(waiters) do
+      rpc.safe_call(waiter, err)
+    end
+  end
+  local argv = lofid_argv()
+  if vim.fn.executable(argv[1]) == 0 then
+    return finish(errors.new(errors.CODE.START_FAILED, string.format(
+      "no lofid answers on %s, and `%s` is not an executable on PATH (set lofid_cmd in setup())",
+      M.socket_path(), argv[1])))
+  end
+  local log = M.log_path()
+  vim.fn.mkdir(vim.fn.fnamemodify(log, ":h"), "p")
+  local fd = uv.fs_open(log, "a", 420) -- 0644
+  local exited = nil
+  local handle, pid_or_err = uv.spawn(argv[1], {
+    args = vim.list_slice(argv, 2),
+    detached = true,
+    stdio = { nil, fd, fd },
+  }, vim.schedule_wrap(function(code, signal)
+    exited = signal ~= 0 and ("signal " .. signal) or ("code " .. code)
+    if M.last_start then
+      M.last_start.exit = exited
+    end
+  end))
+  if fd then
+    uv.fs_close(fd)
+  end
+  if not handle then
+    return finish(errors.new(errors.CODE.START_FAILED, string.format("cannot start %s: %s", argv[1], pid_or_err)))
+  end
+  handle:unref()
+  M.last_start = { pid = pid_or_err, cmd = argv, log = log }
+  local client = get_client()
+  local deadline = uv.now() + config().start_timeout_ms
+  local timer = uv.new_timer()
+  local function poll()
+    client:connect(function(err)
+      if not err then
+        timer:close()
+        return finish(nil)
+      end
+      if exited or uv.now() > deadline then
+        timer:close()
+        local why = exited and ("it exited with " .. exited) or "it did not answer in time"
+        return finish(errors.new(errors.CODE.START_FAILED, string.format(
+          "started `%s` but %s; see %s", table.concat(argv, " "), why, log)))
+      end
+      timer:start(100, 0, vim.schedule_wrap(poll))
+    end)
+  end
+  timer:start(50, 0, vim.schedule_wrap(poll))
+end
+
+--- Try to connect again with backoff after lofid went away, until reconnect_timeout_ms.
+M.reconnect = function()
+  local cfg = config()
+  if not cfg.reconnect or M.reconnect_timer then
+    return
+  end
+  local timer = uv.new_timer()
+  M.reconnect_timer = timer
+  local delay, deadline = 250, uv.now() + cfg.reconnect_timeout_ms
+  local function try()
+    if M.reconnect_timer ~= timer then
+      return
+    end
+    get_client():connect(function(err)
+      if not err or M.reconnect_timer ~= timer then
+        return -- on_connect stopped the timer
+      end
+      if uv.now() > deadline then
+        return M.stop_reconnect()
+      end
+      delay = math.min(delay * 2, 5000)
+      timer:start(delay, 0, vim.schedule_wrap(try))
+    end)
+  end
+  timer:start(delay, 0, vim.schedule_wrap(try))
+end
+
+M.stop_reconnect = function()
+  local timer = M.reconnect_timer
+  M.reconnect_timer = nil
+  if timer then
+    timer:stop()
+    timer:close()
+  end
+end
+
+M.reconnecting = function()
+  return M.reconnect_timer ~= nil
+end
+
+return M

@@ -1,0 +1,31 @@
+-- User commands only; everything else loads on first use.
+if vim.g.loaded_lofi == 1 or vim.fn.has("nvim-0.7") == 0 then
+  return
+end
+vim.g.loaded_lofi = 1
+
+vim.api.nvim_create_user_command("LofiGenerate", function(args)
+  require("lofi").command_generate(args.fargs)
+end, { nargs = "*", desc = "Generate a lofi track: :LofiGenerate [prompt] [duration=S] [seed=N] [priority=high]" })
+
+vim.api.nvim_create_user_command("LofiStatus", function()
+  require("lofi").command_status()
+end, { nargs = 0, desc = "Show lofid's status" })
+
+vim.api.nvim_create_user_command("LofiTracks", function()
+  require("lofi").command_tracks()
+end, { nargs = 0, desc = "Pick a generated track to play" })
+
+vim.api.nvim_create_user_command("LofiPlay", function(args)
+  require("lofi").play(args.args ~= "" and args.args or nil)
+end, {
+  nargs = "?",
+  complete = function(lead)
+    return require("lofi").complete_tracks(lead)
+  end,
+  desc = "Loop a track in the background: :LofiPlay [track id or path]",
+})
+
+vim.api.nvim_create_user_command("LofiStop", function()
+  require("lofi").stop()
+end, { nargs = 0, desc = "Stop the music" })
