@@ -121,3 +121,24 @@ def test_download_model_method_reports_progress(make_daemon, hub, short_tmp):
         with pytest.raises(LofiError) as e:
             c.call("download_model", {"variant": "fp64"})
         assert e.value.code == "INVALID_PARAMS"
+
+
+def test_real_engine_on_a_downloaded_tiny_model(make_daemon, short_tmp):
+    """The whole first-run path with nothing faked but the hub: consent, download, load, generate."""
+    from conftest import FIXTURE_MODEL
+
+    with FakeHub(FIXTURE_MODEL) as hub:
+        env = {**hub.env(short_tmp / "hf"), "LOFID_ENGINE": "lofid.worker.musicgen:MusicGen"}
+        daemon = make_daemon(model_dir=None, env=env, variant="int8")
+        with daemon.client() as c:
+            with pytest.raises(LofiError) as e:
+                gen(c, "lofi hip hop, jazzy piano")
+            assert e.value.data["consent_required"] is True and e.value.data["variant"] == "int8"
+            r = gen(c, "lofi hip hop, jazzy piano", allow_download=True)
+            record = c.wait_track(r["track_id"])
+            assert record["model_version"] == f"gabotechs/music_gen@{hub.commit}/int8"
+            assert c.call("status")["model"]["model_version"] == record["model_version"]
+            # the next identical request uses the resolved version, then hits the cache
+            again = gen(c, "lofi hip hop, jazzy piano")
+            c.wait_track(again["track_id"])
+            assert gen(c, "lofi hip hop, jazzy piano")["cached"] is True
