@@ -370,3 +370,35 @@ def test_parse_args_and_no_player(start_nvim, short_tmp):
     nvim.cmd("LofiGenerate")
     nvim.wait("return #_G.lofi_test.asked == 1")
     assert nvim.asked()[0]["kind"] == "input"
+
+
+def test_default_socket_matches_the_daemons(start_nvim, short_tmp):
+    """The plugin's default socket is lofid's: $LOFID_SOCKET (the setting's variable), else
+    lofid.paths.default_socket() in the same environment."""
+    import json
+    import sys
+
+    probe = "import json, lofid.paths as p; print(json.dumps(str(p.default_socket())))"
+    nvim = start_nvim()
+    for env in ({"XDG_RUNTIME_DIR": str(short_tmp / "rt")}, {}):
+        e = {k: v for k, v in os.environ.items() if k not in ("XDG_RUNTIME_DIR", "LOFID_SOCKET")}
+        e.update(env, PYTHONPATH=str(ROOT))
+        expected = json.loads(subprocess.run([sys.executable, "-c", probe], env=e, check=True,
+                                             capture_output=True, text=True).stdout)
+        got = nvim.lua("vim.env.XDG_RUNTIME_DIR = ...; vim.env.LOFID_SOCKET = select(2, ...);"
+                       "return require('lofi.daemon').default_socket()",
+                       env.get("XDG_RUNTIME_DIR"), env.get("LOFID_SOCKET"))
+        assert got == expected, env
+    sock = str(short_tmp / "x.sock")
+    assert nvim.lua("vim.env.LOFID_SOCKET = ...; return require('lofi.daemon').default_socket()", sock) == sock
+
+
+def test_help_tags(short_tmp):
+    doc = short_tmp / "doc"
+    shutil.copytree(PLUGIN / "doc", doc)
+    out = subprocess.run([NVIM, "--headless", "--clean", "-c", f"helptags {doc}", "-c", "qa!"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "E" not in out.stderr, out.stderr
+    tags = (doc / "tags").read_text()
+    for tag in ("lofi-setup", ":LofiGenerate", "lofi.statusline()", "lofi-errors"):
+        assert tag in tags

@@ -47,12 +47,14 @@ M.default_socket = function()
   return base .. "/lofid/lofid.sock"
 end
 
+--- The socket to use, and where that choice came from.
 M.socket_path = function()
   local socket = config().socket
   if type(socket) == "string" and socket ~= "" then
-    return vim.fn.expand(socket)
+    return vim.fn.expand(socket), "setup({ socket })"
   end
-  return M.default_socket()
+  local env = vim.env.LOFID_SOCKET
+  return M.default_socket(), (env and env ~= "") and "$LOFID_SOCKET" or "lofid's default"
 end
 
 M.log_path = function()
@@ -110,7 +112,7 @@ M.ensure = function(cb)
       return cb(nil, client)
     end
     if not config().auto_start then
-      err.message = err.message .. "; start it with `lofid` (or setup({ auto_start = true }))"
+      err.hint = "start it with `lofid` (or setup({ auto_start = true }))"
       return cb(err)
     end
     M.start(function(start_err)
@@ -134,7 +136,7 @@ local function lofid_argv()
   local cmd = config().lofid_cmd
   local argv = type(cmd) == "string" and { cmd } or vim.deepcopy(cmd)
   table.insert(argv, "--socket")
-  table.insert(argv, M.socket_path())
+  table.insert(argv, (M.socket_path()))
   return argv
 end
 

@@ -43,10 +43,13 @@ M.check = function()
   else
     h.error("Neovim 0.7 or later is required")
   end
+  if not (vim.mpack and vim.mpack.Unpacker) then
+    h.error("vim.mpack.Unpacker is missing: this Neovim cannot decode the daemon's stream")
+  end
 
   h.start("lofi: daemon")
-  local socket = daemon.socket_path()
-  h.info("socket: " .. socket .. (cfg.socket and " (from setup)" or " (lofid's default)"))
+  local socket, source = daemon.socket_path()
+  h.info(string.format("socket: %s (%s)", socket, source))
   local lofid = type(cfg.lofid_cmd) == "string" and cfg.lofid_cmd or cfg.lofid_cmd[1]
   local has_lofid = vim.fn.executable(lofid) == 1
   -- never start the daemon from a health check: ask only if something answers

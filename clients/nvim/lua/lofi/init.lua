@@ -50,7 +50,8 @@ end
 
 --- Show an error (code + sentence), at the level its code deserves.
 M.report = function(err, prefix)
-  return notify((prefix or "") .. errors.format(err), errors.level_for_code(err.code))
+  local hint = err.hint and ("; " .. err.hint) or ""
+  return notify((prefix or "") .. errors.format(err) .. hint, errors.level_for_code(err.code))
 end
 
 local function fire(pattern)
@@ -103,7 +104,8 @@ end
 
 local function job_line(job)
   if job.status == "queued" then
-    return string.format("queued “%s” (position %d)", short(job.prompt), (job.position or 0) + 1)
+    local pos = job.position or 0
+    return string.format("queued “%s” (%s)", short(job.prompt), pos == 0 and "next" or (pos .. " ahead"))
   end
   local eta = job.eta_sec and (" ~" .. clock(job.eta_sec)) or ""
   return string.format("generating “%s” %d%%%s", short(job.prompt), job.percent or 0, eta)
