@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import stat
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, Daemon, make_fake_model
 from lofictl.client import Client
+
 from lofid import rpc
 
 NVIM = shutil.which("nvim")
@@ -30,6 +27,7 @@ pytestmark = pytest.mark.skipif(NVIM is None, reason="nvim is not installed")
 
 PLUGIN = ROOT / "clients" / "nvim"
 HARNESS = ROOT / "tests" / "nvim" / "harness.lua"
+LAST_TRACK = "local t = require('lofi').state.last_track; return t and {track_id = t.track_id, path = t.path}"
 
 
 class Nvim(Client):
@@ -67,7 +65,7 @@ class Nvim(Client):
         return self.lua("return _G.lofi_test.asked")
 
     def last_track(self):
-        return self.lua("local t = require('lofi').state.last_track; return t and {track_id = t.track_id, path = t.path}")
+        return self.lua(LAST_TRACK)
 
     def statusline(self) -> str:
         return self.lua("return require('lofi').statusline()")
@@ -97,9 +95,9 @@ def start_nvim(short_tmp):
             try:
                 client = Nvim(sock, timeout=10)
                 break
-            except OSError:
+            except OSError as e:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"nvim did not start: {(short_tmp / f'nvim{n}.log').read_text()}")
+                    raise RuntimeError(f"nvim did not start: {(short_tmp / f'nvim{n}.log').read_text()}") from e
                 time.sleep(0.02)
         procs.append((proc, client))
         client.lua("require('lofi').setup(...)", {"progress_interval_ms": 1000, **(setup or {})})
@@ -149,7 +147,7 @@ def test_generate_progress_complete(daemon, start_nvim, short_tmp):
     t0 = time.monotonic()
     nvim.cmd("LofiGenerate rainy night step=0.006 duration=5 seed=7")
     assert nvim.wait("return require('lofi').statusline():find('%%') ~= nil", timeout=10)
-    track = nvim.wait("local t = require('lofi').state.last_track; return t and {track_id = t.track_id, path = t.path}")
+    track = nvim.wait(LAST_TRACK)
     elapsed = time.monotonic() - t0
     with daemon.client() as c:
         record = c.call("track", {"track_id": track["track_id"]})
@@ -168,6 +166,15 @@ def test_generate_progress_complete(daemon, start_nvim, short_tmp):
     nvim.cmd("LofiStatus")
     status = nvim.wait("return _G.lofi_test.texts('pid')[1]")
     assert "lofid" in status and "model: fp16" in status, status
+    # errors: the code and the daemon's sentence, at a level fitting the code
+    nvim.cmd("LofiGenerate too long duration=500")
+    msg = nvim.wait("return _G.lofi_test.texts('INVALID_DURATION')[1]")
+    assert msg == "lofi: INVALID_DURATION: duration_sec must be between 5 and 120, not 500", msg
+    assert nvim.lua("return _G.lofi_test.messages[#_G.lofi_test.messages].level") == 3  # WARN
+    nvim.cmd("LofiGenerate broken nan@20 step=0.002 duration=5")
+    msg = nvim.wait("return _G.lofi_test.texts('MODEL_INFERENCE_FAILED')[1]")
+    assert msg == "lofi: “broken nan@20 step=0.002” failed: MODEL_INFERENCE_FAILED: the decoder produced NaN/inf logits"
+    assert nvim.lua("return next(require('lofi').state.jobs)") is None
 
 
 def test_editor_stays_responsive_during_generation(daemon, start_nvim):
@@ -253,8 +260,7 @@ def test_daemon_killed_mid_generation_then_recovery(daemon, start_nvim):
     time.sleep(0.5)
     daemon.start()
     nvim.wait("return _G.lofi_test.texts('reconnected')[1]", timeout=15)
-    track = nvim.wait("local t = require('lofi').state.last_track; return t and {track_id = t.track_id, path = t.path}",
-                      timeout=30)
+    track = nvim.wait(LAST_TRACK, timeout=30)
     with daemon.client() as c:
         record = c.call("track", {"track_id": track["track_id"]})
     assert record["seed"] == 3 and record["prompt"] == "doomed step=0.02" and Path(record["path"]).is_file()

@@ -35,6 +35,8 @@ M.defaults = {
 
 M.config = vim.deepcopy(M.defaults)
 
+local SLOW_REQUEST_MS = 60000 -- generate / download_model: the first locate may hash the model
+
 M.state = {
   jobs = {}, -- track_id -> job: {track_id, prompt, seed, duration_sec, priority, status, percent, eta_sec, ...}
   tracks = {}, -- track_id -> track record, for the tracks finished in this session
@@ -49,9 +51,14 @@ local function notify(msg, level, opts)
 end
 
 --- Show an error (code + sentence), at the level its code deserves.
+--- Show an error (code + sentence), at the level its code deserves, once.
 M.report = function(err, prefix)
+  if err.reported then
+    return
+  end
+  err.reported = true
   local hint = err.hint and ("; " .. err.hint) or ""
-  return notify((prefix or "") .. errors.format(err) .. hint, errors.level_for_code(err.code))
+  return notify((prefix or "") .. errors.format(err) .. hint, err.level or errors.level_for_code(err.code))
 end
 
 local function fire(pattern)
@@ -122,10 +129,28 @@ end
 
 local handlers = {}
 
+-- The last notification for a track this client does not know yet (a notification can
+-- come before the generate response); replayed when the job is created.
+local orphans, orphan_count = {}, 0
+local function keep_orphan(method, p)
+  if type(p.track_id) ~= "string" then
+    return
+  end
+  local old = orphans[p.track_id]
+  if old and old.method ~= "generation_progress" and method == "generation_progress" then
+    return -- an end beats a progress step
+  end
+  if orphan_count > 100 then
+    orphans, orphan_count = {}, 0
+  end
+  orphan_count = orphan_count + (old and 0 or 1)
+  orphans[p.track_id] = { method = method, payload = p }
+end
+
 handlers.generation_progress = function(p)
   local job = M.state.jobs[p.track_id]
   if not job then
-    return
+    return keep_orphan("generation_progress", p)
   end
   job.status, job.percent, job.eta_sec = "running", p.percent, p.eta_sec
   progress_message(job, job_line(job))
@@ -135,7 +160,7 @@ end
 handlers.generation_complete = function(record)
   local job = M.state.jobs[record.track_id]
   if not job then
-    return
+    return keep_orphan("generation_complete", record)
   end
   M.state.tracks[record.track_id] = record
   M.state.last_track = record
@@ -147,7 +172,7 @@ end
 handlers.generation_error = function(p)
   local job = M.state.jobs[p.track_id]
   if not job then
-    return
+    return keep_orphan("generation_error", p)
   end
   local err = errors.normalize(p)
   job.notify_record = nil -- an error is a message of its own, kept in the history
@@ -268,7 +293,8 @@ local function ask_consent(err, cb)
   local yes = "Download " .. size
   vim.ui.select({ yes, "Not now" }, { prompt = question }, function(choice)
     if choice ~= yes then
-      return cb(errors.new(errors.CODE.MODEL_NOT_FOUND, err.message .. " (download declined)"))
+      return cb(errors.new(errors.CODE.MODEL_NOT_FOUND, err.message .. " (download declined)",
+        { level = vim.log.levels.WARN }))
     end
     M.download_model({ variant = err.variant }, cb)
   end)
@@ -286,7 +312,7 @@ M.download_model = function(opts, cb)
     if req_err then
       download_done(req_err)
     end
-  end)
+  end, { timeout_ms = math.max(M.config.request_timeout_ms, SLOW_REQUEST_MS) })
 end
 
 -- ------------------------------------------------------------------ the API
@@ -321,6 +347,7 @@ M.generate = function(prompt, opts, cb)
       require("lofi.rpc").safe_call(fn, err, nil)
     end
   end
+  -- lofid answers generate once it has located the model (hashing a --model-dir the first time)
   daemon.request("generate", arg, function(err, res)
     if err and err.code == errors.CODE.MODEL_NOT_FOUND and err.consent_required and not opts._consent_asked then
       return ask_consent(err, function(consent_err)
@@ -355,7 +382,12 @@ M.generate = function(prompt, opts, cb)
     M.state.jobs[res.track_id] = job
     progress_message(job, job_line(job), vim.log.levels.INFO, true)
     fire("LofiProgress")
-  end)
+    local early = orphans[res.track_id]
+    if early then
+      orphans[res.track_id], orphan_count = nil, orphan_count - 1
+      handlers[early.method](early.payload)
+    end
+  end, { timeout_ms = math.max(M.config.request_timeout_ms, SLOW_REQUEST_MS) })
 end
 
 --- The daemon's status map; cb(err, status).
