@@ -22,7 +22,7 @@ from lofictl.client import Client
 
 from lofid import rpc
 
-NVIM = shutil.which("nvim")
+NVIM = os.environ.get("LOFI_TEST_NVIM") or shutil.which("nvim")  # LOFI_TEST_NVIM: another Neovim to test
 pytestmark = pytest.mark.skipif(NVIM is None, reason="nvim is not installed")
 
 PLUGIN = ROOT / "clients" / "nvim"
@@ -175,6 +175,7 @@ def test_generate_progress_complete(daemon, start_nvim, short_tmp):
     msg = nvim.wait("return _G.lofi_test.texts('MODEL_INFERENCE_FAILED')[1]")
     assert msg == "lofi: “broken nan@20 step=0.002” failed: MODEL_INFERENCE_FAILED: the decoder produced NaN/inf logits"
     assert nvim.lua("return next(require('lofi').state.jobs)") is None
+    assert not nvim.texts("deprecated"), nvim.texts("deprecated")
 
 
 def test_editor_stays_responsive_during_generation(daemon, start_nvim):
@@ -286,6 +287,7 @@ def test_checkhealth(daemon, start_nvim, short_tmp):
     report = _health_lines(nvim)
     assert "ERROR" in report and "lofid is not reachable: NOT_RUNNING" in report, report
     assert "start it" in report, report
+    assert not nvim.texts("deprecated"), nvim.texts("deprecated")
 
 
 def test_consent_flow_against_the_fake_hub(short_tmp, start_nvim):
