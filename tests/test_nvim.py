@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -410,3 +412,80 @@ def test_help_tags(short_tmp):
     tags = (doc / "tags").read_text()
     for tag in ("lofi-setup", ":LofiGenerate", "lofi.statusline()", "lofi-errors"):
         assert tag in tags
+
+
+def test_rpc_layer_framing_timeouts_disconnect(start_nvim, short_tmp):
+    """lofi.rpc against a scripted server: a frame split byte by byte, nil in maps, a
+    notification, a timeout (the late answer dropped), and pending requests failed on close."""
+    path = short_tmp / "fake.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def serve():
+        conn, _ = server.accept()
+        decoder = rpc.Decoder()
+        late = None
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return
+            for value in decoder.feed(data):
+                msg = rpc.parse(value)
+                if msg.method == "split":
+                    frame = rpc.notification("hello", [{"eta_sec": None, "n": 1}]) + rpc.response(
+                        msg.msgid, None, {"echo": msg.params, "gone": None}
+                    )
+                    for i in range(len(frame)):
+                        conn.sendall(frame[i : i + 1])
+                        time.sleep(0.001)
+                elif msg.method == "error":
+                    conn.sendall(rpc.response(msg.msgid, {"code": "QUEUE_FULL", "message": "full", "x": None}, None))
+                elif msg.method == "slow":
+                    late = msg.msgid
+                elif msg.method == "close":
+                    if late is not None:
+                        conn.sendall(rpc.response(late, None, "too late"))
+                    conn.close()
+                    return
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    nvim = start_nvim()
+    nvim.lua(
+        """
+        local r = {}
+        _G.rpc_results = r
+        local c = require('lofi.rpc').new({
+          path = ...,
+          on_notification = function(m, p) r.note = {m, p.eta_sec == nil, p.n} end,
+          on_close = function(err) r.closed = err.code end,
+        })
+        _G.rpc_client = c
+        c:connect(function(err)
+          r.connected = err == nil
+          c:request('split', {a = 1, s = 'x'}, function(e, res) r.split = {e == nil, res.echo[1].a, res.gone == nil} end)
+          c:request('error', nil, function(e) r.error = e end)
+          c:request('slow', nil, function(e) r.slow = e.code end, {timeout_ms = 200})
+        end)
+        """,
+        str(path),
+    )
+    results = nvim.wait("return _G.rpc_results.slow and _G.rpc_results")
+    assert results["connected"] and results["split"] == [True, 1, True]
+    assert results["note"] == ["hello", True, 1]
+    assert results["error"] == {"code": "QUEUE_FULL", "message": "full"}
+    assert results["slow"] == "TIMEOUT"
+    nvim.lua(
+        """
+        local r = _G.rpc_results
+        _G.rpc_client:request('close', nil, function(e) r.pending = e.code end)
+        _G.rpc_client:request('never', nil, function(e) r.never = e.code end, {timeout_ms = 60000})
+        """
+    )
+    results = nvim.wait("return _G.rpc_results.closed and _G.rpc_results")
+    assert results["pending"] == "DISCONNECTED" and results["never"] == "DISCONNECTED"
+    assert results["closed"] == "DISCONNECTED"
+    assert not nvim.lua("return _G.rpc_client:is_connected()")
+    thread.join(5)
+    server.close()
