@@ -5,6 +5,12 @@ Directives in the prompt (anything else is plain text):
   crash@N        SIGKILL itself at token N        oom@N   raise MemoryError at token N
   hang@N         stop sending anything at token N nan@N   report non-finite logits at token N
   loadfail       fail to load the model (on the first job only if the prompt asks)
+  alloc=MB       really allocate (and touch) MB megabytes at token 1, so a worker_memory_mb
+                 address-space limit makes a genuine numpy allocation fail (MemoryError)
+  fsize=BYTES    set RLIMIT_FSIZE to BYTES before returning the audio, so the worker's WAV
+                 write really fails with EFBIG (-> STORAGE_FAILED); undone by the next job
+  wslow=SECONDS  the WAV write's fsync waits SECONDS first (once): a window in which the
+                 temporary file exists and the final name does not, to kill the worker in
 It loads through the same worker code path as the real engine (files located by
 lofid.worker.assets first), and returns deterministic audio from the seed.
 """
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import time
 from pathlib import Path
@@ -41,8 +48,12 @@ class ScriptedEngine:
             raise LofiError(errors.MODEL_LOAD_FAILED, f"device {device!r} is not available in the scripted engine")
         return cls(root, variant, threads or 1)
 
+    _FSIZE = resource.getrlimit(resource.RLIMIT_FSIZE)  # the worker's own limit, restored per job
+
     def generate(self, prompt, duration_sec, seed, *, top_k=250, temperature=1.0, guidance_scale=3.0, progress=None):
         directives = dict(re.findall(r"(\w+)[=@]([\d.]+)", prompt))
+        resource.setrlimit(resource.RLIMIT_FSIZE, self._FSIZE)
+        _slow_fsync(float(directives["wslow"]) if "wslow" in directives else None)
         step = float(directives.get("step", 0.002))
         frames = round(duration_sec * self.frame_rate)
         total = frames + 3
@@ -55,10 +66,37 @@ class ScriptedEngine:
                 raise LofiError(errors.MODEL_INFERENCE_FAILED, "the decoder produced NaN/inf logits")
             if i == int(directives.get("hang", -1)):
                 time.sleep(3600)
+            if i == 1 and "alloc" in directives:
+                block = np.ones(int(float(directives["alloc"]) * 2**20), dtype=np.uint8)  # MemoryError under RLIMIT_AS
+                del block
             if progress is not None:
                 progress(i, total)
             if i < total:
                 time.sleep(step)
         rng = np.random.default_rng(seed)
         t = np.arange(frames * 640) / self.sample_rate
-        return (0.3 * np.sin(2 * np.pi * rng.uniform(110, 880) * t)).astype(np.float32)
+        audio = (0.3 * np.sin(2 * np.pi * rng.uniform(110, 880) * t)).astype(np.float32)
+        if "fsize" in directives:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (int(directives["fsize"]), self._FSIZE[1]))
+        return audio
+
+
+class _SlowOs:
+    """Stands in for ``os`` inside lofid.worker.wav: its next fsync sleeps first, then it steps aside."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def fsync(self, fd: int) -> None:
+        _slow_fsync(None)
+        time.sleep(self.seconds)
+        os.fsync(fd)
+
+
+def _slow_fsync(seconds: float | None) -> None:
+    from lofid.worker import wav
+
+    wav.os = os if seconds is None else _SlowOs(seconds)

@@ -18,6 +18,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from lofid import errors
@@ -119,8 +120,18 @@ class Supervisor:
         if self._process is not None:
             self._process.join(timeout=0)
             if self._process.exitcode is not None:
+                self._remove_temp_wavs(self._process.pid)
                 self._process.close()
         self._process = self._conn = None
+
+    def _remove_temp_wavs(self, pid: int) -> None:
+        """A worker killed while writing leaves its temporary WAV behind; nobody will finish it."""
+        try:
+            for p in Path(self.settings.cache_dir).glob(f".*.wav.{pid}.tmp"):
+                log.info("removing %s, left by the dead worker", p.name)
+                p.unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("cannot remove the dead worker's temporary files: %s", e)
 
     async def _reap(self, timeout: float = 2.0) -> int | None:
         process = self._process
