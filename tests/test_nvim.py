@@ -464,7 +464,9 @@ def test_rpc_layer_framing_timeouts_disconnect(start_nvim, short_tmp):
         _G.rpc_client = c
         c:connect(function(err)
           r.connected = err == nil
-          c:request('split', {a = 1, s = 'x'}, function(e, res) r.split = {e == nil, res.echo[1].a, res.gone == nil} end)
+          c:request('split', {a = 1, s = 'x'}, function(e, res)
+            r.split = {e == nil, res.echo[1].a, res.gone == nil}
+          end)
           c:request('error', nil, function(e) r.error = e end)
           c:request('slow', nil, function(e) r.slow = e.code end, {timeout_ms = 200})
         end)
