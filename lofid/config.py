@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from lofid import paths
 
@@ -77,6 +78,12 @@ def _choice(options: tuple[str, ...]):
     return conv
 
 
+def _str(v: Any) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError("expected a non-empty string")
+    return v.strip()
+
+
 def _opt(conv):
     """A setting whose empty value means 'unset'."""
 
@@ -114,7 +121,7 @@ class Settings:
     max_frame_bytes: int = _setting(1 << 20, _int(1024, 1 << 30), "largest accepted msgpack-rpc frame", flag=False)
     frame_timeout_sec: float = _setting(10.0, _float(0.05, 3600.0), "a started frame must finish within this",
                                         flag=False)
-    engine: str = _setting("lofid.worker.musicgen:MusicGen", str, "engine class (module:Class)", flag=False)
+    engine: str = _setting("lofid.worker.musicgen:MusicGen", _str, "engine class (module:Class)", flag=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
@@ -144,16 +151,26 @@ def _defaults_for_paths(values: dict[str, Any]) -> None:
 
 def load(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Build the effective settings. ``flags`` holds only the flags given (None = not given)."""
+    return load_with_sources(flags, environ)[0]
+
+
+def load_with_sources(flags: Mapping[str, Any] | None = None,
+                      environ: Mapping[str, str] | None = None) -> tuple[Settings, dict[str, str]]:
+    """The effective settings and, per key, where its value came from: "default", the
+    config file's path, ``env LOFID_…`` or ``flag --…``."""
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {k: f.default for k, f in FIELDS.items()}
+    sources = {k: "default" for k in FIELDS}
 
     config_path: Path | None = None
     explicit = False
     if "config" in flags:
         config_path, explicit = _convert("config", flags["config"], "--config"), True
+        sources["config"] = "flag --config"
     elif env_name("config") in environ:
         config_path, explicit = _convert("config", environ[env_name("config")], env_name("config")), True
+        sources["config"] = "env " + env_name("config")
     else:
         config_path = paths.default_config_file()
     values["config"] = config_path
@@ -167,17 +184,21 @@ def load(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | No
             if key == "config":
                 raise ConfigError(f"{config_path}: 'config' cannot be set inside the config file")
             values[key] = _convert(key, value, str(config_path))
+            sources[key] = str(config_path)
     elif explicit:
         raise ConfigError(f"config file {config_path} does not exist")
 
     for key in FIELDS:
         if key != "config" and env_name(key) in environ:
             values[key] = _convert(key, environ[env_name(key)], env_name(key))
+            sources[key] = "env " + env_name(key)
     for key, value in flags.items():
         if key != "config":
-            values[key] = _convert(key, value, "--" + key.replace("_", "-"))
+            flag = "--" + key.replace("_", "-")
+            values[key] = _convert(key, value, flag)
+            sources[key] = "flag " + flag
     _defaults_for_paths(values)
-    return Settings(**values)
+    return Settings(**values), sources
 
 
 def add_arguments(parser) -> None:

@@ -1,4 +1,10 @@
-"""``lofid``: the daemon's command line. Runs in the foreground, logs to stderr."""
+"""``lofid``: the daemon's command line. Runs in the foreground, logs to stderr.
+
+Under systemd it takes the listening socket systemd passes (socket activation) and
+reports READY=1, STATUS= and STOPPING=1 over NOTIFY_SOCKET; elsewhere it binds the
+socket path itself. Either way one lofid per socket path: a lock file next to the
+socket, held while the daemon runs, turns a second one away.
+"""
 
 from __future__ import annotations
 
@@ -7,38 +13,110 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
+from pathlib import Path
 
 import lofid
 from lofid import config, paths
+from lofid.broker import systemd
 from lofid.broker.broker import Broker
 from lofid.broker.server import Server
 
 log = logging.getLogger("lofid")
+
+EXIT_CONFIG = 2  # invalid configuration: restarting will not help (RestartPreventExitStatus=2)
+EXIT_FAILURE = 1
+
+# syslog priorities, understood by journald at the start of a line (SyslogLevelPrefix=)
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lofid",
         description="The lofid daemon: generates music with MusicGen-small for clients on a Unix socket. "
-        "Runs in the foreground and logs to stderr.",
+        "Runs in the foreground and logs to stderr, one line per event.",
     )
     parser.add_argument("--version", action="version", version=f"lofid {lofid.__version__}")
     config.add_arguments(parser)
     return parser
 
 
-async def serve(settings: config.Settings) -> int:
+class OneLineFormatter(logging.Formatter):
+    """One line per event, tracebacks included; a syslog priority prefix for journald."""
+
+    def __init__(self, journal: bool) -> None:
+        plain = "%(asctime)s lofid[%(process)d] %(levelname)s %(name)s: %(message)s"
+        super().__init__("%(name)s: %(message)s" if journal else plain)
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record).replace("\n", " | ")
+        if self.journal:
+            return f"<{_PRIORITY.get(record.levelno, 6)}>{text}"
+        return text
+
+
+def _stderr_is_journal() -> bool:
+    """systemd sets JOURNAL_STREAM=dev:ino when stderr is connected to the journal."""
+    try:
+        dev, ino = (int(x) for x in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter(_stderr_is_journal()))
+    lofid_level = getattr(logging, level.upper())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(lofid_level, logging.WARNING))  # other libraries: warnings and up
+    logging.getLogger("lofid").setLevel(lofid_level)
+
+
+def inherited_socket() -> socket.socket | None:
+    """The listening socket passed by systemd, or None; raises if it is not a Unix stream socket."""
+    socks = systemd.listen_fds()
+    if not socks:
+        return None
+    for extra in socks[1:]:
+        log.warning("ignoring extra inherited socket fd %d", extra.fileno())
+        extra.close()
+    sock = socks[0]
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise OSError(f"the socket passed by systemd (fd {sock.fileno()}) is not a Unix stream socket")
+    return sock
+
+
+def socket_path_of(sock: socket.socket, configured: Path) -> Path:
+    """The path the inherited socket listens on (its lock goes next to it)."""
+    name = sock.getsockname()
+    if isinstance(name, str) and name and not name.startswith("\0"):
+        path = Path(name)
+        if path != configured:
+            log.warning("systemd passed the socket %s; the configured socket %s is not used", path, configured)
+        return path
+    return configured  # abstract or unnamed: lock the configured path instead
+
+
+async def serve(settings: config.Settings, sock: socket.socket | None = None, socket_path: Path | None = None) -> int:
     loop = asyncio.get_running_loop()
     broker = Broker(settings)
-    server = Server(broker, settings.socket, settings.max_frame_bytes, settings.frame_timeout_sec)
+    server = Server(broker, socket_path or settings.socket, settings.max_frame_bytes, settings.frame_timeout_sec)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, sig, broker)
     await broker.start()
-    await server.start()
-    log.info("lofid %s listening on %s (pid %d)", lofid.__version__, settings.socket, os.getpid())
+    await server.start(sock)
+    how = "the socket passed by systemd" if sock is not None else "its own socket"
+    log.info("lofid %s listening on %s, %s (pid %d)", lofid.__version__, server.socket_path, how, os.getpid())
+    systemd.notify("READY=1")
     await broker.stopping.wait()
     log.info("shutting down")
+    systemd.notify("STOPPING=1\nSTATUS=shutting down")
     await server.close()
     await broker.stop()
     log.info("bye")
@@ -56,19 +134,27 @@ def main(argv: list[str] | None = None) -> int:
         settings = config.load(config.flags_from(args))
     except config.ConfigError as e:
         print(f"lofid: invalid configuration: {e}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="lofid[%(process)d] %(levelname)s %(name)s: %(message)s")
+        return EXIT_CONFIG
+    setup_logging(settings.log_level)
     try:
-        paths.private_dir(settings.socket.parent)
-        lock_fd = paths.acquire_lock(settings.socket)
-    except paths.LockHeld as e:
-        print(f"lofid: {e}", file=sys.stderr)
-        return 1
+        sock = inherited_socket()
     except OSError as e:
-        print(f"lofid: cannot prepare {settings.socket.parent}: {e}", file=sys.stderr)
-        return 1
+        log.error("%s", e)
+        return EXIT_FAILURE
     try:
-        return asyncio.run(serve(settings))
+        if sock is None:
+            socket_path = settings.socket
+            paths.private_dir(socket_path.parent)
+        else:  # systemd made the directory and the socket; they are not ours to change
+            socket_path = socket_path_of(sock, settings.socket)
+        lock_fd = paths.acquire_lock(socket_path)
+    except paths.LockHeld as e:
+        log.error("%s", e)
+        return EXIT_FAILURE
+    except OSError as e:
+        log.error("cannot prepare %s: %s", settings.socket.parent, e)
+        return EXIT_FAILURE
+    try:
+        return asyncio.run(serve(settings, sock, socket_path))
     finally:
         os.close(lock_fd)

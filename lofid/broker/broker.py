@@ -16,6 +16,7 @@ from typing import Any
 
 import lofid
 from lofid import errors
+from lofid.broker import systemd
 from lofid.broker.queue import Job, JobQueue
 from lofid.broker.server import Connection
 from lofid.broker.supervisor import Supervisor
@@ -31,6 +32,7 @@ PROMPT_MAX = 2000
 DURATION_MIN, DURATION_MAX, DURATION_DEFAULT = 5.0, 120.0, 30.0
 SEED_MAX = 2**32 - 1
 PROGRESS_STEP = 5
+MB = 1_000_000  # cache_max_mb is in MB, as lofictl prints sizes
 # Download sizes of the hub's variants, for the consent question (no network needed to ask it).
 APPROX_DOWNLOAD_BYTES = {"fp32": 2_250_000_000, "fp16": 1_870_000_000, "int8": 1_000_000_000}
 
@@ -126,6 +128,10 @@ class Broker:
         self.stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._locating: asyncio.Task | None = None
+        self._idle_watch: asyncio.Task | None = None
+        self.last_activity = time.monotonic()  # of a request or a job, for idle_exit_sec
+        self._status_text: str | None = None
+        self._cache_lock = asyncio.Lock()  # one eviction or removal at a time
 
     # -- start / stop -------------------------------------------------------------
 
@@ -133,6 +139,8 @@ class Broker:
         await asyncio.to_thread(self.cache.prepare)
         self._locating = asyncio.create_task(self.locate())
         self._runner = asyncio.create_task(self.run())
+        if self.settings.idle_exit_sec is not None:
+            self._idle_watch = asyncio.create_task(self.exit_when_idle(self.settings.idle_exit_sec))
 
     async def locate(self) -> assets.ModelLocation:
         s = self.settings
@@ -150,6 +158,8 @@ class Broker:
 
     async def stop(self) -> None:
         self._runner.cancel()
+        if self._idle_watch is not None:
+            self._idle_watch.cancel()
         for job in self.queue.drain():
             self.fail(job, LofiError(errors.INTERNAL, "the daemon shut down before this track was generated"))
         await self.supervisor.stop()
@@ -169,6 +179,7 @@ class Broker:
             job = self.queue.start_next()
             if job is None:
                 self._wake.clear()
+                self.set_status("idle")
                 await self._wake.wait()
                 continue
             try:
@@ -180,6 +191,7 @@ class Broker:
         log.info("generating %s (%g s, seed %d): %r", job.track_id, job.duration_sec, job.seed, job.prompt[:80])
         self.progress = Progress()
         self.fan_out(job, "generation_progress", {"track_id": job.track_id, **self.progress.update(0, 1)[0]})
+        self.set_status(self._generating_status())
         try:
             result = await self.supervisor.call({"op": "generate", "job": job.to_worker()},
                                                 lambda ev: self.on_worker_event(ev, job))
@@ -200,6 +212,7 @@ class Broker:
             await self.locate()
         log.info("track %s complete in %.1f s", job.track_id, record.get("generation_time_sec", 0))
         self.fan_out(job, "generation_complete", record)
+        await self.enforce_cache_cap(keep=job.track_id)
 
     async def _run_download(self, variant: str, force: bool) -> None:
         waiters, self.download_waiters = self.download_waiters, set()
@@ -222,10 +235,13 @@ class Broker:
         if kind == "progress" and job is not None and self.progress is not None:
             for step in self.progress.update(ev["tokens_generated"], ev["tokens_estimated"]):
                 self.fan_out(job, "generation_progress", {"track_id": job.track_id, **step})
+                self.set_status(self._generating_status())
         elif kind == "model":
             self.model.update(ev)
             self.downloading = ev["state"] == "downloading"
         elif kind == "download_progress":
+            if ev.get("percent") is not None:
+                self.set_status(f"downloading the model {int(ev['percent']) // PROGRESS_STEP * PROGRESS_STEP}%")
             self._broadcast(waiters if waiters is not None else job.waiters, "download_progress", ev)
 
     # -- notifications ------------------------------------------------------------
@@ -255,6 +271,8 @@ class Broker:
         handler = getattr(self, "rpc_" + method, None) if method.isidentifier() else None
         if handler is None:
             raise LofiError(errors.UNKNOWN_METHOD, f"unknown method {method!r}")
+        log.debug("%r calls %s", conn, method)
+        self.last_activity = time.monotonic()
         return await handler(conn, params)
 
     async def rpc_generate(self, conn: Connection, params: list) -> dict:
@@ -356,3 +374,81 @@ class Broker:
         log.info("shutdown requested by %r", conn)
         asyncio.get_running_loop().call_soon(self.stopping.set)
         return {"ok": True}
+
+    async def rpc_track_delete(self, conn: Connection, params: list) -> dict:
+        tid = check_track_id(_one_map(params, {"track_id"}).get("track_id"))
+        job = self.queue.find(tid)
+        if job is not None:
+            state = "running" if job is self.queue.running else "queued"
+            raise LofiError(errors.INVALID_PARAMS, f"track {tid} is {state}; only a complete track can be removed")
+        async with self._cache_lock:
+            freed = await asyncio.to_thread(self.cache.delete, tid)
+        log.info("removed track %s (%d bytes) at the request of %r", tid, freed, conn)
+        return {"ok": True, "track_id": tid, "bytes_freed": freed}
+
+    async def rpc_cache_prune(self, conn: Connection, params: list) -> dict:
+        arg = _one_map(params, {"all", "max_mb"})
+        everything, max_mb = arg.get("all", False), arg.get("max_mb")
+        if not isinstance(everything, bool):
+            raise LofiError(errors.INVALID_PARAMS, "all must be true or false")
+        if max_mb is not None and (not isinstance(max_mb, int) or isinstance(max_mb, bool) or max_mb < 0):
+            raise LofiError(errors.INVALID_PARAMS, "max_mb must be a non-negative integer")
+        if everything:
+            max_mb = 0
+        elif max_mb is None:
+            max_mb = self.settings.cache_max_mb
+            if max_mb is None:
+                raise LofiError(errors.INVALID_PARAMS, "no cache_max_mb is set: give max_mb, or all to remove "
+                                "every track")
+        removed = await self._shrink_cache(max_mb, keep=frozenset(), why=f"pruned by {conn!r}")
+        entries = await asyncio.to_thread(self.cache.entries)
+        return {"removed": [e.track_id for e in removed], "bytes_freed": sum(e.size for e in removed),
+                "tracks_left": len(entries), "bytes_left": sum(e.size for e in entries), "max_mb": max_mb}
+
+    # -- cache cap, idle exit, service status ---------------------------------------
+
+    async def enforce_cache_cap(self, keep: str) -> None:
+        """After a track completes: evict least recently used tracks down to cache_max_mb."""
+        if self.settings.cache_max_mb is not None:
+            await self._shrink_cache(self.settings.cache_max_mb, keep=frozenset({keep}), why="cache_max_mb")
+
+    async def _shrink_cache(self, max_mb: int, keep: frozenset[str], why: str) -> list:
+        running = self.queue.running
+        keep = keep | ({running.track_id} if running is not None else set())
+        try:
+            async with self._cache_lock:
+                removed = await asyncio.to_thread(self.cache.shrink, max_mb * MB, keep)
+        except OSError as e:
+            log.warning("cannot shrink the track cache %s: %s", self.cache.root, e)
+            return []
+        for e in removed:
+            log.info("evicted track %s (%d bytes, least recently used) to stay under %d MB (%s)",
+                     e.track_id, e.size, max_mb, why)
+        return removed
+
+    def busy(self) -> bool:
+        return (self.queue.running is not None or len(self.queue) > 0 or self.downloading
+                or self.download_variant is not None)
+
+    async def exit_when_idle(self, limit: float) -> None:
+        """Stop the daemon after ``limit`` seconds without a job, a download or a request."""
+        while not self.stopping.is_set():
+            if self.busy():
+                self.last_activity = time.monotonic()
+            idle = time.monotonic() - self.last_activity
+            if idle >= limit:
+                log.info("idle for %.1f s (idle_exit_sec %g); exiting", idle, limit)
+                self.stopping.set()
+                return
+            await asyncio.sleep(min(1.0, limit - idle))
+
+    def _generating_status(self) -> str:
+        percent = self.progress.percent if self.progress is not None else 0
+        queued = len(self.queue)
+        return f"generating {percent}%" + (f", {queued} queued" if queued else "")
+
+    def set_status(self, text: str) -> None:
+        """The one-line status systemd shows (STATUS=); sent only when it changes."""
+        if text != self._status_text:
+            self._status_text = text
+            systemd.notify(f"STATUS={text}")

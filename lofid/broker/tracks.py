@@ -8,6 +8,12 @@ The cache folder holds ``<track_id>.wav`` (written by the worker) and
 ``<track_id>.json`` (the track record, written here). Both are written to a
 temporary name beginning with ``.`` and renamed, so a final name is never half
 written; the JSON is renamed last and marks the track complete.
+
+Least recently used: the modification time of ``<track_id>.json`` is the track's last
+access. Writing the record sets it; a cache hit of ``generate`` and every ``track``
+look-up (``lofictl play`` uses it) touch it. Listing the tracks does not. Eviction
+removes the JSON first, so a track is never complete without its WAV; a WAV left
+without its JSON by a crash is removed at the next start.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import logging
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from lofid import errors
@@ -83,16 +90,24 @@ class TrackCache:
     def wav_path(self, tid: str) -> Path:
         return self.root / f"{check_track_id(tid)}.wav"
 
-    def get(self, tid: str) -> dict | None:
-        """The record of a complete track, or None."""
+    def json_path(self, tid: str) -> Path:
+        return self.root / f"{check_track_id(tid)}.json"
+
+    def get(self, tid: str, touch: bool = True) -> dict | None:
+        """The record of a complete track, or None. Counts as an access unless ``touch`` is false."""
         check_track_id(tid)
+        json_path, wav = self.json_path(tid), self.wav_path(tid)
         try:
-            record = json.loads((self.root / f"{tid}.json").read_text())
+            record = json.loads(json_path.read_text())
+            wav_size = wav.stat().st_size
+            if touch:
+                os.utime(json_path)
+            st = json_path.stat()
         except (FileNotFoundError, ValueError):
             return None
-        if not self.wav_path(tid).exists():
-            return None
-        record["path"] = str(self.wav_path(tid))
+        record["path"] = str(wav)
+        record["size_bytes"] = wav_size + st.st_size
+        record["accessed_at"] = round(st.st_mtime, 3)
         return record
 
     def put(self, record: dict) -> dict:
@@ -106,14 +121,77 @@ class TrackCache:
         return record
 
     def list(self, limit: int | None = None) -> list[dict]:
+        """Complete tracks, newest first (by creation)."""
         records = []
         for p in self.root.glob("*.json"):
             if _TRACK_ID.match(p.stem):
-                record = self.get(p.stem)
+                record = self.get(p.stem, touch=False)
                 if record is not None:
                     records.append(record)
         records.sort(key=lambda r: r.get("created_at", 0), reverse=True)
         return records[:limit] if limit is not None else records
+
+    # -- size cap -------------------------------------------------------------------
+
+    def entries(self) -> list[Entry]:
+        """Complete tracks with their size, least recently used first."""
+        out = []
+        for p in self.root.glob("*.json"):
+            if not _TRACK_ID.match(p.stem):
+                continue
+            try:
+                st, wav = p.stat(), (p.with_suffix(".wav")).stat()
+            except FileNotFoundError:
+                continue
+            out.append(Entry(p.stem, st.st_size + wav.st_size, st.st_mtime_ns))
+        out.sort(key=lambda e: (e.accessed_ns, e.track_id))
+        return out
+
+    def delete(self, tid: str) -> int:
+        """Remove a complete track; returns the bytes freed. TRACK_NOT_FOUND if there is none."""
+        json_path, wav = self.json_path(tid), self.wav_path(tid)
+        try:
+            size = json_path.stat().st_size + wav.stat().st_size
+            json_path.unlink()  # first: without its record the track is no longer complete
+        except FileNotFoundError:
+            raise LofiError(errors.TRACK_NOT_FOUND, f"no track {tid} in the cache") from None
+        except OSError as e:
+            raise LofiError(errors.STORAGE_FAILED, f"cannot remove track {tid}: {e}") from None
+        wav.unlink(missing_ok=True)
+        return size
+
+    def shrink(self, max_bytes: int, keep: frozenset[str] | set[str] = frozenset()) -> list[Entry]:
+        """Remove least recently used tracks until the cache holds at most ``max_bytes``.
+
+        Tracks in ``keep`` (the one just finished) are never removed, nor is anything not
+        complete yet (a WAV being written has no record). Returns the removed entries.
+        """
+        entries = self.entries()
+        total = sum(e.size for e in entries)
+        removed = []
+        for e in entries:
+            if total <= max_bytes:
+                break
+            if e.track_id in keep:
+                continue
+            try:
+                self.delete(e.track_id)
+            except LofiError as err:  # removed meanwhile, or the disk refuses: skip it
+                log.warning("cannot evict %s: %s", e.track_id, err.message)
+                continue
+            total -= e.size
+            removed.append(e)
+        return removed
+
+    def total_bytes(self) -> int:
+        return sum(e.size for e in self.entries())
+
+
+@dataclass(frozen=True)
+class Entry:
+    track_id: str
+    size: int  # bytes of the WAV and the JSON
+    accessed_ns: int  # last access (the JSON's mtime)
 
 
 def now() -> float:

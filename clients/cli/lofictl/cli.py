@@ -1,4 +1,5 @@
-"""``lofictl``: generate music, watch progress, list and play tracks, manage models."""
+"""``lofictl``: generate music, watch progress, list and play tracks, manage models,
+the configuration and the service."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+from lofictl import service
+from lofictl.client import Client, Disconnected
 from lofid import config, errors
 from lofid.errors import LofiError
-from lofictl.client import Client, Disconnected
 
 PLAYERS = (
     ("pw-play", []),
@@ -41,7 +43,8 @@ def connect(args, settings: config.Settings) -> Client:
         return Client(settings.socket, timeout=args.timeout)
     except (FileNotFoundError, ConnectionRefusedError):
         if args.no_start:
-            raise CliError("DAEMON_NOT_RUNNING", f"no lofid answers on {settings.socket} (and --no-start was given)")
+            raise CliError("DAEMON_NOT_RUNNING",
+                           f"no lofid answers on {settings.socket} (and --no-start was given)") from None
     start_daemon(args, settings)
     deadline = time.monotonic() + START_TIMEOUT_SEC
     while True:
@@ -191,17 +194,209 @@ def cmd_status(args, settings) -> int:
 
 
 def cmd_tracks(args, settings) -> int:
+    if args.tracks_cmd == "rm":
+        return tracks_rm(args, settings)
+    if args.tracks_cmd == "prune":
+        return tracks_prune(args, settings)
     with connect(args, settings) as c:
         tracks = c.call("tracks", {"limit": args.limit} if args.limit else None)
     now = time.time()
     lines = []
     for t in tracks:
-        size = os.path.getsize(t["path"]) if os.path.exists(t["path"]) else 0
+        size = t.get("size_bytes")
+        if size is None:
+            size = os.path.getsize(t["path"]) if os.path.exists(t["path"]) else 0
         age = now - t.get("created_at", now)
         lines.append(f"{t['track_id']}  {t['duration_sec']:5.1f}s  {human_bytes(size):>9}  "
-                     f"{age / 3600:6.1f}h ago  {t['prompt'][:50]}")
+                     f"{human_age(age):>9}  {t['prompt'][:50]}")
+    if lines:
+        total = sum(t.get("size_bytes") or 0 for t in tracks)
+        cap = f" of {settings.cache_max_mb} MB (cache_max_mb)" if settings.cache_max_mb else ""
+        lines.append(f"{len(tracks)} track{'s' if len(tracks) != 1 else ''}, {human_bytes(total)}{cap}")
     emit(args, tracks, "\n".join(lines) if lines else "no tracks yet")
     return 0
+
+
+def human_age(sec: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if sec >= size:
+            return f"{sec / size:.0f} {unit} ago"
+    return f"{max(0, sec):.0f} s ago"
+
+
+def tracks_rm(args, settings) -> int:
+    results, failed = [], 0
+    with connect(args, settings) as c:
+        for tid in args.track_ids:
+            try:
+                r = c.call("track_delete", {"track_id": tid})
+            except LofiError as e:
+                print(f"lofictl: {e.code}: {e.message}", file=sys.stderr)
+                failed += 1
+                continue
+            results.append(r)
+    emit(args, results, "\n".join(f"removed {r['track_id']} ({human_bytes(r['bytes_freed'])})" for r in results))
+    return 1 if failed else 0
+
+
+def tracks_prune(args, settings) -> int:
+    req = {"all": True} if args.all else ({"max_mb": args.max_mb} if args.max_mb is not None else {})
+    with connect(args, settings) as c:
+        r = c.call("cache_prune", req)
+    n = len(r["removed"])
+    emit(args, r, f"removed {n} track{'s' if n != 1 else ''} ({human_bytes(r['bytes_freed'])}); "
+         f"{r['tracks_left']} left ({human_bytes(r['bytes_left'])})")
+    return 0
+
+
+# -- config ---------------------------------------------------------------------
+
+
+def cmd_config(args, settings) -> int:
+    settings, sources = config.load_with_sources(cli_flags(args))
+    values = settings.to_dict()
+    where = paths_of(settings)
+    if args.json:
+        emit(args, {"settings": values, "sources": sources, "paths": where}, "")
+        return 0
+    width = max(map(len, values))
+    lines = ["# effective settings: defaults < config file < environment (LOFID_*) < flags"]
+    for key, value in values.items():
+        shown = "unset" if value is None else json.dumps(value) if isinstance(value, str) else str(value).lower() \
+            if isinstance(value, bool) else str(value)
+        lines.append(f"{key:<{width}}  {shown:<44}  # {sources[key]}")
+    lines.append("")
+    lines.append("# paths")
+    pwidth = max(map(len, where))
+    lines += [f"{name:<{pwidth}}  {path}" for name, path in where.items()]
+    emit(args, None, "\n".join(lines))
+    return 0
+
+
+def paths_of(settings: config.Settings) -> dict[str, str]:
+    """Every place lofid reads or writes, with a word on whether it exists."""
+
+    def state(p: Path, what: str = "") -> str:
+        return f"{p}{'' if p.exists() else ' (does not exist yet)'}{what}"
+
+    try:
+        from huggingface_hub import constants as hf
+
+        hf_cache = Path(hf.HF_HUB_CACHE)
+    except ImportError:
+        hf_cache = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME") or
+                        Path.home() / ".cache" / "huggingface") / "hub")
+    cache = settings.cache_dir
+    usage = ""
+    if cache.is_dir():
+        from lofid.broker.tracks import TrackCache
+
+        entries = TrackCache(cache).entries()
+        usage = f" ({len(entries)} tracks, {human_bytes(sum(e.size for e in entries))})"
+    manager = service.Manager.for_platform()
+    units = manager.installed()
+    return {
+        "socket": state(settings.socket),
+        "lock": str(settings.socket.with_name(settings.socket.name + ".lock")),
+        "config file": state(settings.config),
+        "track cache": state(cache, usage),
+        "state": state(settings.state_dir),
+        "models": str(settings.model_dir) if settings.model_dir else f"Hugging Face cache: {state(hf_cache)}",
+        "daemon log": f"{settings.state_dir / 'lofid.log'} (started by lofictl); "
+                      + ("~/Library/Logs/lofid.log (launchd)" if manager.name == "launchd"
+                         else "journalctl --user -u lofid (systemd)"),
+        "service": ", ".join(map(str, units)) if units else f"not installed ({manager.directory})",
+    }
+
+
+# -- service --------------------------------------------------------------------
+
+
+def cmd_service(args, settings) -> int:
+    manager = service.Manager.for_platform(args.manager, args.dir)
+    try:
+        if args.service_cmd == "install":
+            return service_install(args, settings, manager)
+        if args.service_cmd == "uninstall":
+            return service_uninstall(args, manager)
+        return service_status(args, settings, manager)
+    except service.ServiceError as e:
+        raise CliError("SERVICE_FAILED", str(e)) from None
+
+
+def service_install(args, settings, manager: service.Manager) -> int:
+    command = service.lofid_command()
+    files = manager.files(command, settings.socket)
+    manager.directory.mkdir(parents=True, exist_ok=True)
+    if manager.name == "launchd":
+        (Path.home() / "Library" / "Logs").mkdir(parents=True, exist_ok=True)
+    for path, content in files.items():
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(content)
+        os.replace(tmp, path)
+        print(f"wrote {path}", file=sys.stderr)
+    stray = sorted(k for k in os.environ if k.startswith("LOFID_"))
+    if stray:
+        print(f"lofictl: note: the service does not see this shell's {', '.join(stray)}; "
+              f"put settings in {settings.config}", file=sys.stderr)
+    ran = []
+    if not args.no_enable:
+        stop_unmanaged_daemon(settings)
+        ran = manager.activate(next(iter(files)))
+        for argv in ran:
+            print(f"ran: {' '.join(argv)}", file=sys.stderr)
+    emit(args, {"manager": manager.name, "files": [str(p) for p in files], "command": command,
+                "ran": ran}, f"lofid is installed as a {manager.name} service: {' '.join(command)}")
+    return 0
+
+
+def stop_unmanaged_daemon(settings) -> None:
+    """A lofid started by lofictl would keep its lock while the service takes its socket path."""
+    try:
+        with Client(settings.socket, timeout=5) as c:
+            pid = c.call("status")["pid"]
+            c.call("shutdown")
+    except (OSError, TimeoutError, LofiError, Disconnected):
+        return
+    print(f"lofictl: stopped the running lofid (pid {pid}) so that the service can take over", file=sys.stderr)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            return
+        time.sleep(0.1)
+
+
+def service_uninstall(args, manager: service.Manager) -> int:
+    installed = manager.installed()
+    if installed:
+        manager.deactivate()
+    for path in installed:
+        path.unlink(missing_ok=True)
+        print(f"removed {path}", file=sys.stderr)
+    if installed and manager.name == "systemd":
+        manager.run(["systemctl", "--user", "daemon-reload"], check=False)
+    emit(args, {"manager": manager.name, "removed": [str(p) for p in installed]},
+         "lofid service removed" if installed else f"no lofid service was installed in {manager.directory}")
+    return 0
+
+
+def service_status(args, settings, manager: service.Manager) -> int:
+    installed = manager.installed()
+    expected = manager.files(service.lofid_command(), settings.socket)
+    stale = [str(p) for p in installed if p in expected and p.read_bytes() != expected[p]]
+    state = manager.state() if installed else {}
+    result = {"manager": manager.name, "installed": [str(p) for p in installed], "stale": stale, **state}
+    lines = [f"{manager.name}: " + (", ".join(map(str, installed)) if installed
+                                    else f"not installed (`lofictl service install` writes {manager.directory})")]
+    lines += [f"{p}: differs from what this installation would write; run `lofictl service install`" for p in stale]
+    lines += [f"{k}: {v}" for k, v in state.items()]
+    emit(args, result, "\n".join(lines))
+    active = state.get("loaded") or state.get("socket") == "active"
+    return 0 if installed and active else 3
 
 
 def find_player() -> list[str] | None:
@@ -288,8 +483,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     sub.add_parser("status", help="daemon, model, worker and queue").set_defaults(func=cmd_status)
-    t = sub.add_parser("tracks", help="list generated tracks, newest first")
+    t = sub.add_parser("tracks", help="list generated tracks, newest first (or remove them)")
     t.add_argument("--limit", type=int)
+    tsub = t.add_subparsers(dest="tracks_cmd", metavar="ACTION")
+    trm = tsub.add_parser("rm", help="remove tracks from the cache")
+    trm.add_argument("track_ids", nargs="+", metavar="TRACK_ID")
+    tpr = tsub.add_parser("prune", help="remove least recently used tracks down to cache_max_mb")
+    how = tpr.add_mutually_exclusive_group()
+    how.add_argument("--all", action="store_true", help="remove every complete track")
+    how.add_argument("--max-mb", type=int, help="prune down to this many MB instead of cache_max_mb")
     t.set_defaults(func=cmd_tracks)
     pl = sub.add_parser("play", help="play a track with a system player")
     pl.add_argument("track", help="track id")
@@ -303,8 +505,22 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--force", action="store_true", help="download again even if present (repairs corrupt files)")
     m.set_defaults(func=cmd_models)
 
+    sub.add_parser("config", help="the effective settings, where each comes from, and every path") \
+        .set_defaults(func=cmd_config)
+    sv = sub.add_parser("service", help="install lofid as a user service (systemd or launchd)")
+    sv.add_argument("service_cmd", choices=("install", "uninstall", "status"), metavar="install|uninstall|status")
+    sv.add_argument("--manager", choices=("systemd", "launchd"), help="default: launchd on macOS, else systemd")
+    sv.add_argument("--dir", help="where the units or the plist go (default: ~/.config/systemd/user or "
+                    "~/Library/LaunchAgents)")
+    sv.add_argument("--no-enable", action="store_true", help="install: only write the files")
+    sv.set_defaults(func=cmd_service)
+
     sub.add_parser("daemon", help="run lofid in the foreground (same as `lofid`; its flags follow)")
     return p
+
+
+def cli_flags(args) -> dict:
+    return {"socket": args.socket, "config": args.config}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,8 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         return lofid_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        flags = {"socket": args.socket, "config": args.config}
-        settings = config.load(flags)
+        settings = config.load(cli_flags(args))
         return args.func(args, settings)
     except config.ConfigError as e:
         print(f"lofictl: INVALID_CONFIG: {e}", file=sys.stderr)
