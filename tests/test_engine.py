@@ -53,6 +53,37 @@ def test_loaded_model_reports_what_it_is(engines):
     assert engines["merged"].decoder.merged and not engines["split"].decoder.merged
     assert engines["fp16"].decoder.dtype == np.float16 and not engines["fp16"].decoder.merged
     assert engines["int8"].decoder.merged
+    # every variant runs its steps on the rewritten graph (shared KV buffers)
+    assert all(e.decoder.shared for e in engines.values())
+
+
+@pytest.mark.parametrize("variant,form", [("fp32", "merged"), ("fp32", "split"),
+                                          ("fp16", None), ("int8", None), ("int8", "split")])
+def test_shared_kv_buffers_match_the_exported_graph(variant, form, tmp_path, monkeypatch):
+    """The GroupQueryAttention rewrite gives the exported graph's codes, sampled and
+    greedy, and its cached form (second load) gives them too."""
+    monkeypatch.setenv("LOFID_OPTIMIZED_DIR", str(tmp_path))
+    plain = MusicGen.load(MODEL, variant, threads=1, decoder_form=form, share_kv=False)
+    first = MusicGen.load(MODEL, variant, threads=1, decoder_form=form)
+    cached = list(tmp_path.iterdir())
+    again = MusicGen.load(MODEL, variant, threads=1, decoder_form=form)
+    assert not plain.decoder.shared and first.decoder.shared and again.decoder.shared
+    assert len(cached) == 1 and list(tmp_path.iterdir()) == cached
+    for top_k in (250, 1):
+        want = plain.generate_codes("rainy night jazz", 90, 7, top_k=top_k)
+        for eng in (first, again):
+            np.testing.assert_array_equal(eng.generate_codes("rainy night jazz", 90, 7,
+                                                             top_k=top_k), want)
+
+
+def test_shared_kv_rewrite_refuses_an_unknown_graph(tmp_path, monkeypatch):
+    """A graph the rewrite does not recognise runs as exported instead of failing."""
+    import onnx
+
+    monkeypatch.setenv("LOFID_OPTIMIZED_DIR", str(tmp_path))
+    model = onnx.load(str(MODEL / "small_fp32" / "text_encoder.onnx"))
+    with pytest.raises(ValueError):
+        mg.share_kv_graph(model, 2, 8)
 
 
 @pytest.mark.parametrize("form", ["merged", "split"])
@@ -182,7 +213,7 @@ def test_windows_join_where_they_should(short_windows, monkeypatch):
     codes = m.generate_codes("join test", 200, seed=8)
     plan = plan_windows(200, 60, 36)
     assert len(calls) == len(plan) == 5
-    for (offset, primed, length), (prime, out) in zip(plan, calls):
+    for (offset, primed, length), (prime, out) in zip(plan, calls, strict=True):
         assert out.shape == (4, length) and prime.shape == (4, primed)
         np.testing.assert_array_equal(out[:, :primed], prime)          # primed = kept
         np.testing.assert_array_equal(codes[:, offset : offset + length], out)

@@ -15,8 +15,11 @@ the next window is primed with the last ``window - stride`` frames and the same 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
+import os
 import re
 import time
 from collections.abc import Callable
@@ -40,6 +43,7 @@ from lofid.worker.device import INSTALL_HINT, PROVIDER, resolve_threads, select,
 from lofid.worker.sampling import SamplingParams, guide, sample
 
 Progress = Callable[[int, int], None]
+log = logging.getLogger("lofid.worker.musicgen")
 
 CONFIG = "small/config.json"
 TOKENIZER = "small/tokenizer.json"
@@ -157,6 +161,192 @@ def _guard(call: Callable[[], object]):
         raise LofiError(MODEL_INFERENCE_FAILED, f"inference failed: {text}") from e
 
 
+# ----------------------------------------------------------- KV-cache buffer sharing
+# The exported with-past decoder appends each step's key/value to the self-attention
+# cache with a Concat, i.e. it copies the whole growing cache every step (24 layers x
+# K and V x 2 CFG rows: ~200 MB per step at 10 s). ``share_kv_graph`` rewrites each
+# self-attention onto onnxruntime's com.microsoft.GroupQueryAttention (kv heads = heads,
+# i.e. plain multi-head attention) whose past and present are one preallocated buffer
+# ``[batch, heads, capacity, head_dim]``: the step writes its new key/value in place and
+# attends over the first ``kv_total_sequence_length`` positions. The position embedding,
+# which the export derives from the past's length, is derived from that input instead.
+KV_SEQLENS = "kv_seqlens_k"                 # int32 [batch]: total length - 1 per row
+KV_TOTAL = "kv_total_sequence_length"       # int32 scalar: past + new positions
+
+
+def optimized_dir() -> Path:
+    """Where rewritten, onnxruntime-optimized decoder graphs are cached (user cache)."""
+    env = os.environ.get("LOFID_OPTIMIZED_DIR")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("lofid")) / "optimized"
+
+
+def share_kv_graph(model, heads: int, head_dim: int) -> int:
+    """Rewrite ``model`` (onnx ModelProto, split with-past or merged decoder) in place.
+
+    Returns the number of self-attention layers rewritten; raises ValueError when the
+    graph does not have the expected shape (the caller then keeps the original graph).
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    past = {i.name for i in graph.input if _PAST.match(i.name) and ".decoder." in i.name}
+    if not past:
+        raise ValueError("no decoder past inputs")
+    target = None
+    if any(i in past for n in graph.node for i in n.input):
+        target = graph
+    else:   # merged: the If branch that reads the past
+        for node in graph.node:
+            for a in node.attribute:
+                if a.HasField("g") and any(i in past for n in a.g.node for i in n.input):
+                    target = a.g
+    if target is None:
+        raise ValueError("no graph reads the decoder past")
+    # protobuf hands out fresh wrappers on each access: hold one list of the nodes so
+    # that identities (id()) stay stable while the graph is edited
+    nodes = list(target.node)
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    consts.update({t.name: numpy_helper.to_array(t) for t in target.initializer})
+    for n in [*graph.node, *nodes] if target is not graph else nodes:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    consts[n.output[0]] = numpy_helper.to_array(a.t)
+    producers = {o: n for n in nodes for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def made_by(name, op):
+        n = producers.get(name)
+        if n is None or n.op_type != op:
+            raise ValueError(f"{name} is not made by {op}")
+        return n
+
+    def used_by(name, op):
+        c = consumers.get(name, [])
+        if len(c) != 1 or c[0].op_type != op:
+            raise ValueError(f"{name} is not used by exactly one {op}")
+        return c[0]
+
+    def new_projection(name):   # [B, H, S, D] key/query -> the [B, S, H*D] projection
+        return made_by(made_by(name, "Transpose").input[0], "Reshape").input[0]
+
+    def scalar(name):
+        if name not in consts or np.asarray(consts[name]).size != 1:
+            raise ValueError(f"{name} is not a constant scalar")
+        return float(np.asarray(consts[name]).reshape(-1)[0])
+
+    outputs = {o.name for o in target.output}
+    layers = sorted(int(m.group(1)) for o in outputs
+                    if (m := re.match(r"present\.(\d+)\.decoder\.key$", o)))
+    if not layers:
+        raise ValueError("no decoder present outputs")
+    drop, add = set(), []
+    for i in layers:
+        pk, pv = f"present.{i}.decoder.key", f"present.{i}.decoder.value"
+        cat_k, cat_v = made_by(pk, "Concat"), made_by(pv, "Concat")
+        tr_k = used_by(pk, "Transpose")
+        mul_k = used_by(tr_k.output[0], "Mul")
+        qk = used_by(mul_k.output[0], "MatMul")
+        mul_q = made_by(qk.input[0], "Mul")
+        soft = used_by(qk.output[0], "Softmax")
+        av = used_by(soft.output[0], "MatMul")
+        if qk.input[1] != mul_k.output[0] or av.input[1] != pv or len(consumers[pv]) != 1:
+            raise ValueError(f"layer {i}: unexpected self-attention")
+        scale = scalar(mul_q.input[1]) * scalar(mul_k.input[1])
+        pre = f"/lofid/kvshare/{i}"
+        add.append(helper.make_node(
+            "GroupQueryAttention",
+            [new_projection(mul_q.input[0]),
+             new_projection(cat_k.input[-1]), new_projection(cat_v.input[-1]),
+             f"past_key_values.{i}.decoder.key", f"past_key_values.{i}.decoder.value",
+             KV_SEQLENS, KV_TOTAL],
+            [pre + "/attn", pk, pv], name=pre + "/GroupQueryAttention",
+            domain="com.microsoft", num_heads=heads, kv_num_heads=heads, scale=scale))
+        target.initializer.append(numpy_helper.from_array(
+            np.array([0, 0, heads, head_dim], np.int64), pre + "/shape"))
+        add.append(helper.make_node("Reshape", [pre + "/attn", pre + "/shape"],
+                                    [pre + "/bshd"], name=pre + "/Reshape"))
+        add.append(helper.make_node("Transpose", [pre + "/bshd"], [av.output[0]],
+                                    name=pre + "/Transpose", perm=[0, 2, 1, 3]))
+        drop.update(id(n) for n in (cat_k, cat_v, tr_k, mul_k, qk, soft, av))
+    # The past length (for the positions) was Shape(past)[2]: now total - new length.
+    aliases = set(past)
+    for n in nodes:
+        if n.op_type in ("Concat", "Identity") and len(n.input) == 1 and n.input[0] in aliases:
+            aliases.add(n.output[0])
+    ids = next((i for i in graph.input if i.name == "input_ids"), None)
+    if ids is None:
+        raise ValueError("no input_ids")
+    pre = "/lofid/kvshare/past_length"
+    length_nodes = [
+        helper.make_node("Cast", [KV_TOTAL], [pre + "/total"], to=TensorProto.INT64),
+        helper.make_node("Shape", ["input_ids"], [pre + "/ids_shape"]),
+        helper.make_node("Gather", [pre + "/ids_shape", pre + "/one"], [pre + "/new"], axis=0),
+        helper.make_node("Sub", [pre + "/total", pre + "/new"], [pre + "/value"]),
+    ]
+    target.initializer.append(numpy_helper.from_array(np.array(1, np.int64), pre + "/one"))
+    replaced = 0
+    for n in nodes:
+        if n.op_type == "Shape" and n.input[0] in aliases and id(n) not in drop:
+            for g in consumers.get(n.output[0], []):
+                if g.op_type != "Gather" or scalar(g.input[1]) != 2:
+                    raise ValueError(f"{n.name}: past shape used for more than its length")
+                drop.add(id(g))
+                add.append(helper.make_node("Identity", [pre + "/value"], [g.output[0]]))
+                replaced += 1
+    add[:0] = length_nodes
+    _prune(target, [n for n in nodes if id(n) not in drop] + add, outputs)
+    graph.input.extend([
+        helper.make_tensor_value_info(KV_SEQLENS, TensorProto.INT32, ["batch_size"]),
+        helper.make_tensor_value_info(KV_TOTAL, TensorProto.INT32, []),
+    ])
+    for g in {id(graph): graph, id(target): target}.values():
+        for o in g.output:
+            if o.name.startswith("present.") and ".decoder." in o.name:
+                o.type.tensor_type.shape.dim[2].Clear()
+                o.type.tensor_type.shape.dim[2].dim_param = "kv_capacity"
+    return len(layers)
+
+
+def _prune(graph, nodes: list, outputs: set[str]) -> None:
+    """Set ``graph``'s nodes to ``nodes`` less those whose outputs nothing reads, in
+    topological order."""
+    while True:
+        used = set(outputs)
+        for n in nodes:
+            used.update(n.input)
+            for a in n.attribute:
+                if a.HasField("g"):
+                    used.update(i for sub in a.g.node for i in sub.input)
+        alive = [n for n in nodes if any(o in used for o in n.output)]
+        if len(alive) == len(nodes):
+            break
+        nodes = alive
+    made = {o for n in nodes for o in n.output}
+    ready, order, pending = set(), [], nodes
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i == "" or i not in made or i in ready for i in n.input):
+                order.append(n)
+                ready.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise ValueError("graph has a cycle after the rewrite")
+        pending = rest
+    order = [type(n)().__class__.FromString(n.SerializeToString()) for n in order]
+    del graph.node[:]
+    graph.node.extend(order)
+
+
 class _Decoder:
     """The MusicGen decoder with its KV cache: merged (one session) or split (two).
 
@@ -184,6 +374,10 @@ class _Decoder:
         self.step_outputs = ["logits"] + [self._present(n) for n in self.dec_names]
         self.device_type = "cuda" if first.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.cache: dict[str, ort.OrtValue] = {}
+        # share_kv_graph'd decoder: the self-attention cache lives in preallocated
+        # buffers, bound as both past and present, written in place.
+        self.shared = KV_SEQLENS in self.step_inputs
+        self.length = 0
 
     @staticmethod
     def _present(past_name: str) -> str:
@@ -192,10 +386,12 @@ class _Decoder:
     def _value(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, 0)
 
-    def _bound_run(self, sess: ort.InferenceSession, inputs: dict, outputs: list[str]) -> list:
+    def _bound_run(self, sess: ort.InferenceSession, inputs: dict, outputs: list[str],
+                   into: dict[str, ort.OrtValue] | None = None) -> list:
         """Run through IOBinding: the KV cache stays in onnxruntime's OrtValues (on the
         device for CUDA) and is bound straight back as the next step's past, with no
-        copy into numpy and back. Only the logits are read out."""
+        copy into numpy and back. Only the logits are read out. ``into`` binds outputs
+        to existing OrtValues (the shared KV buffers)."""
         binding = sess.io_binding()
         for name, value in inputs.items():
             if isinstance(value, ort.OrtValue):
@@ -203,22 +399,41 @@ class _Decoder:
             else:
                 binding.bind_cpu_input(name, value)
         for name in outputs:
-            binding.bind_output(name, self.device_type)
+            if into and name in into:
+                binding.bind_ortvalue_output(name, into[name])
+            else:
+                binding.bind_output(name, self.device_type)
         _guard(lambda: sess.run_with_iobinding(binding))
         return binding.get_outputs()
 
-    def begin(self, ids: np.ndarray, hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """ids ``[2K, L]`` -> logits of the last position ``[2K, V]``; fills the cache."""
+    def begin(self, ids: np.ndarray, hidden: np.ndarray, mask: np.ndarray,
+              capacity: int = 0) -> np.ndarray:
+        """ids ``[2K, L]`` -> logits of the last position ``[2K, V]``; fills the cache.
+
+        ``capacity``: the most positions this sequence will reach (the size of the
+        shared KV buffers; ignored by the unshared graphs)."""
         self.hidden, self.mask = self._value(hidden), self._value(mask)
+        batch, length = hidden.shape[0], ids.shape[1]
         inputs = {"input_ids": ids, "encoder_hidden_states": self.hidden,
                   "encoder_attention_mask": self.mask}
         if self.merged:
-            empty = np.zeros((hidden.shape[0], self.heads, 0, self.head_dim), self.dtype)
+            empty = np.zeros((batch, self.heads, 0, self.head_dim), self.dtype)
             inputs.update({n: empty for n in self.past_names})
             inputs["use_cache_branch"] = np.array([False])
+            if self.shared:
+                inputs[KV_SEQLENS] = np.full(batch, length - 1, np.int32)
+                inputs[KV_TOTAL] = np.array(length, np.int32)
         names = ["logits"] + [self._present(n) for n in self.past_names]
         out = self._bound_run(self.first, inputs, names)
-        self.cache = dict(zip(self.past_names, out[1:]))   # encoder K/V: computed once
+        self.cache = dict(zip(self.past_names, out[1:], strict=True))   # encoder K/V: computed once
+        if self.shared:
+            # one zeroed buffer per layer's key and value, the prefill copied in once
+            capacity = max(capacity, length + 1)
+            for name in self.dec_names:
+                buf = np.zeros((batch, self.heads, capacity, self.head_dim), self.dtype)
+                buf[:, :, :length] = self.cache[name].numpy()
+                self.cache[name] = self._value(buf)
+            self.length = length
         return out[0].numpy()[:, -1]
 
     def step(self, ids: np.ndarray) -> np.ndarray:
@@ -228,8 +443,20 @@ class _Decoder:
             inputs["encoder_hidden_states"] = self.hidden
         if self.merged:
             inputs["use_cache_branch"] = np.array([True])
-        out = self._bound_run(self.with_past, inputs, self.step_outputs)
-        self.cache.update(zip(self.dec_names, out[1:]))
+        if not self.shared:
+            out = self._bound_run(self.with_past, inputs, self.step_outputs)
+            self.cache.update(zip(self.dec_names, out[1:], strict=True))
+            return out[0].numpy()[:, -1]
+        capacity = self.cache[self.dec_names[0]].shape()[2]
+        if self.length + ids.shape[1] > capacity:
+            raise LofiError(MODEL_INFERENCE_FAILED, f"KV buffer of {capacity} positions "
+                            f"is full at position {self.length}")
+        batch = self.mask.shape()[0]
+        inputs[KV_SEQLENS] = np.full(batch, self.length + ids.shape[1] - 1, np.int32)
+        inputs[KV_TOTAL] = np.array(self.length + ids.shape[1], np.int32)
+        into = {self._present(n): self.cache[n] for n in self.dec_names}
+        out = self._bound_run(self.with_past, inputs, self.step_outputs, into)
+        self.length += ids.shape[1]
         return out[0].numpy()[:, -1]
 
 
@@ -258,10 +485,13 @@ class MusicGen:
     # ---------------------------------------------------------------- loading
     @classmethod
     def load(cls, root: Path | str, variant: str, *, device: str = "auto",
-             threads: int | None = None, decoder_form: str | None = None) -> MusicGen:
+             threads: int | None = None, decoder_form: str | None = None,
+             share_kv: bool = True) -> MusicGen:
         """Open ``variant`` (fp32 / fp16 / int8) from a folder in the hub layout.
 
         ``decoder_form`` overrides the variant's decoder files ("merged" or "split").
+        ``share_kv`` (CPU only) runs the with-past decoder rewritten by ``share_kv_graph``
+        (cached under ``optimized_dir()``); False runs the files as exported.
 
         Raises LofiError MODEL_NOT_FOUND (files missing, named in ``missing``) or
         MODEL_LOAD_FAILED (unreadable/corrupt files, unavailable device).
@@ -284,8 +514,14 @@ class MusicGen:
             raise LofiError(MODEL_LOAD_FAILED, f"cannot load {root / TOKENIZER}: {e}; "
                             f"{REPAIR}", file=TOKENIZER) from e
         opts = session_options(n_threads)
-        sessions = {role: cls._session(root, rel, opts, choice.providers)
-                    for role, rel in spec.items()}
+        sessions = {}
+        for role, rel in spec.items():
+            step_role = "decoder_with_past" if "decoder_with_past" in spec else "decoder"
+            if role == step_role and share_kv and choice.device == "cpu":
+                sessions[role] = cls._shared_kv_session(root, rel, n_threads,
+                                                        choice.providers, config)
+            if role not in sessions or sessions[role] is None:
+                sessions[role] = cls._session(root, rel, opts, choice.providers)
         first = sessions["decoder"]
         used = first.get_providers()[0]
         device_used = next((d for d, p in PROVIDER.items() if p == used), "cpu")
@@ -306,6 +542,64 @@ class MusicGen:
                    text_encoder=sessions["text_encoder"], decoder=decoder,
                    encodec=sessions["encodec"], device=device_used, threads=n_threads,
                    load_time_sec=time.perf_counter() - start)
+
+    @classmethod
+    def _shared_kv_session(cls, root: Path, rel: str, threads: int, providers: list[str],
+                           config: ModelConfig) -> ort.InferenceSession | None:
+        """The ``share_kv_graph`` rewrite of ``rel``, or None where it does not apply.
+
+        The first load rewrites the graph (needs the ``onnx`` package) and saves
+        onnxruntime's optimized result under ``optimized_dir()``; later loads open that
+        file directly. The cache name carries the source's path, size and mtime and the
+        onnxruntime version, so a re-downloaded file or another onnxruntime rebuilds it.
+        """
+        src = (root / rel).resolve()
+        st = src.stat()
+        where = hashlib.sha1(str(src).encode()).hexdigest()[:12]
+        stem = f"{where}-{rel.replace('/', '__').removesuffix('.onnx')}"
+        tag = f"{stem}.{st.st_size}-{st.st_mtime_ns}.ort{ort.__version__}.kvshare.onnx"
+        cache = optimized_dir() / tag
+        opts = session_options(threads)
+        if cache.is_file():
+            try:
+                return ort.InferenceSession(str(cache), sess_options=opts, providers=providers)
+            except Exception as e:   # a damaged cache: rebuild it
+                log.warning("ignoring cached %s: %s", cache, e)
+                cache.unlink(missing_ok=True)
+        try:
+            import onnx
+
+            model = onnx.load(str(src))
+            layers = share_kv_graph(model, config.num_heads, config.head_dim)
+            data = model.SerializeToString()
+            del model
+        except ImportError:
+            log.info("the onnx package is not installed: running %s as exported "
+                     "(the KV cache is copied every step)", rel)
+            return None
+        except Exception as e:
+            log.warning("cannot rewrite %s for shared KV buffers (%s): running it as "
+                        "exported", rel, e)
+            return None
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            for old in cache.parent.glob(f"{stem}.*.kvshare.onnx"):
+                old.unlink(missing_ok=True)
+            opts.optimized_model_filepath = str(tmp)
+        except OSError as e:
+            log.info("not caching the rewritten %s: %s", rel, e)
+        try:
+            session = ort.InferenceSession(data, sess_options=opts, providers=providers)
+        except Exception as e:
+            log.warning("onnxruntime rejects the rewritten %s (%s): running it as "
+                        "exported", rel, e)
+            tmp.unlink(missing_ok=True)
+            return None
+        if tmp.is_file():
+            os.replace(tmp, cache)
+        log.info("%s: %d self-attention layers on shared KV buffers", rel, layers)
+        return session
 
     @staticmethod
     def _session(root: Path, rel: str, opts, providers: list[str]) -> ort.InferenceSession:
@@ -378,7 +672,7 @@ class MusicGen:
         seq = delay.build_template(prime, frames, self.config.pad_token_id)   # [K, T+K]
         total = seq.shape[1]
         start = delay.prefill_length(seq)
-        logits = self.decoder.begin(np.concatenate([seq[:, :start]] * 2), hidden, mask)
+        logits = self.decoder.begin(np.concatenate([seq[:, :start]] * 2), hidden, mask, total)
         for t in range(start, total):
             if not np.isfinite(logits).all():
                 raise LofiError(MODEL_INFERENCE_FAILED,
