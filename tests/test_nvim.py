@@ -361,11 +361,24 @@ def test_tracks_pick_play_loop_stop(daemon, start_nvim, short_tmp):
     assert not pid_alive(last_pid)
     assert nvim.statusline() == ""
     assert log.read_text().splitlines()[-1].split()[1] == second["path"]
+    # leaving the editor stops the music too
+    nvim.cmd("LofiPlay")
+    nvim.wait("return #vim.fn.readfile(...) > " + str(n), str(log))
+    pid = int(log.read_text().splitlines()[-1].split()[0])
+    with pytest.raises((ConnectionError, OSError, TimeoutError)):
+        nvim.cmd("qa!")
+    deadline = time.monotonic() + 5
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(pid)
+    runs = len(log.read_text().splitlines())
+    time.sleep(0.8)
+    assert len(log.read_text().splitlines()) == runs  # and it is not started again
 
 
 def test_parse_args_and_no_player(start_nvim, short_tmp):
     nvim = start_nvim(setup={"players": ["no-such-player"]})
-    prompt, opts, err = nvim.lua("local p, o, e = require('lofi').parse_args(...); return {p, o, e or false}",
+    prompt, opts, err = nvim.lua("local p, o, e = require('lofi.commands').parse_args(...); return {p, o, e or false}",
                                  ["lofi", "rain", "duration=12.5", "seed=42", "priority=high", "step=0.02"])
     assert (prompt, opts, err) == ("lofi rain step=0.02", {"duration_sec": 12.5, "seed": 42, "priority": "high"}, False)
     nvim.cmd("LofiGenerate rain seed=-1")

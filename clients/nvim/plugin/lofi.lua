@@ -5,15 +5,15 @@ end
 vim.g.loaded_lofi = 1
 
 vim.api.nvim_create_user_command("LofiGenerate", function(args)
-  require("lofi").command_generate(args.fargs)
+  require("lofi.commands").command_generate(args.fargs)
 end, { nargs = "*", desc = "Generate a lofi track: :LofiGenerate [prompt] [duration=S] [seed=N] [priority=high]" })
 
 vim.api.nvim_create_user_command("LofiStatus", function()
-  require("lofi").command_status()
+  require("lofi.commands").command_status()
 end, { nargs = 0, desc = "Show lofid's status" })
 
 vim.api.nvim_create_user_command("LofiTracks", function()
-  require("lofi").command_tracks()
+  require("lofi.commands").command_tracks()
 end, { nargs = 0, desc = "Pick a generated track to play" })
 
 vim.api.nvim_create_user_command("LofiPlay", function(args)
@@ -21,7 +21,7 @@ vim.api.nvim_create_user_command("LofiPlay", function(args)
 end, {
   nargs = "?",
   complete = function(lead)
-    return require("lofi").complete_tracks(lead)
+    return require("lofi.commands").complete_tracks(lead)
   end,
   desc = "Loop a track in the background: :LofiPlay [track id or path]",
 })

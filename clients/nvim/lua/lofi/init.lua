@@ -68,7 +68,7 @@ end
 
 local function short(prompt)
   prompt = prompt or ""
-  return #prompt > 40 and (prompt:sub(1, 37) .. "...") or prompt
+  return vim.fn.strchars(prompt) > 40 and (vim.fn.strcharpart(prompt, 0, 37) .. "...") or prompt
 end
 
 local function clock(sec)
@@ -76,13 +76,12 @@ local function clock(sec)
   return string.format("%d:%02d", math.floor(sec / 60), sec % 60)
 end
 
----@param opts? table see M.defaults and :help lofi-setup
-M.setup = function(opts)
-  if vim.fn.has("nvim-0.7") == 0 then
-    vim.notify("lofi: Neovim 0.7 or later is required", vim.log.levels.ERROR)
-    return
-  end
-  M.config = vim.tbl_extend("force", vim.deepcopy(M.defaults), opts or {})
+-- shared with lofi.commands
+M._notify, M._short, M._clock = notify, short, clock
+
+-- one augroup, created again (cleared) by setup; also without setup, the music stops
+-- with the editor
+local function create_autocmds()
   local aug = vim.api.nvim_create_augroup("Lofi", { clear = true })
   vim.api.nvim_create_autocmd("VimLeavePre", {
     desc = "lofi: stop the player",
@@ -91,6 +90,17 @@ M.setup = function(opts)
       require("lofi.player").stop()
     end,
   })
+end
+create_autocmds()
+
+---@param opts? table see M.defaults and :help lofi-setup
+M.setup = function(opts)
+  if vim.fn.has("nvim-0.7") == 0 then
+    vim.notify("lofi: Neovim 0.7 or later is required", vim.log.levels.ERROR)
+    return
+  end
+  M.config = vim.tbl_extend("force", vim.deepcopy(M.defaults), opts or {})
+  create_autocmds()
 end
 
 -- ------------------------------------------------------------------ progress messages
@@ -493,118 +503,6 @@ M.statusline = function()
     return icon
   end
   return ""
-end
-
--- ------------------------------------------------------------------ commands
-
-local OPTION_KEYS = { duration = "duration_sec", duration_sec = "duration_sec", seed = "seed", priority = "priority",
-  play = "play" }
-
---- Split :LofiGenerate arguments into the prompt and key=value options (duration=,
---- seed=, priority=, play=); other words, also other key=value ones, stay in the prompt.
----@return string prompt, table opts, string|nil error
-M.parse_args = function(fargs)
-  local words, opts = {}, {}
-  for _, word in ipairs(fargs) do
-    local key, value = word:match("^([%w_]+)=(.*)$")
-    local opt = key and OPTION_KEYS[key]
-    if opt == "duration_sec" then
-      opts.duration_sec = tonumber(value)
-      if not opts.duration_sec then
-        return "", opts, "duration must be a number of seconds, not " .. value
-      end
-    elseif opt == "seed" then
-      opts.seed = tonumber(value)
-      if not opts.seed or opts.seed % 1 ~= 0 or opts.seed < 0 then
-        return "", opts, "seed must be a non-negative integer, not " .. value
-      end
-    elseif opt == "priority" then
-      if value ~= "normal" and value ~= "high" then
-        return "", opts, "priority must be normal or high, not " .. value
-      end
-      opts.priority = value
-    elseif opt == "play" then
-      opts.play = value ~= "false" and value ~= "0" and value ~= "no"
-    else
-      table.insert(words, word)
-    end
-  end
-  return table.concat(words, " "), opts, nil
-end
-
-M.command_generate = function(fargs)
-  local prompt, opts, err = M.parse_args(fargs)
-  if err then
-    return M.report(errors.new(errors.CODE.INVALID_PARAMS, err))
-  end
-  if opts.play == nil and M.config.play_on_complete then
-    opts.play = true
-  end
-  if prompt ~= "" then
-    return M.generate(prompt, opts)
-  end
-  vim.ui.input({ prompt = "lofi prompt: " }, function(input)
-    if input and vim.trim(input) ~= "" then
-      M.generate(vim.trim(input), opts)
-    end
-  end)
-end
-
-M.command_status = function()
-  M.status(function(err, s)
-    if err then
-      return M.report(err)
-    end
-    local model = s.model or {}
-    local lines = {
-      string.format("lofid %s (pid %s, up %s)", s.version or "?", s.pid or "?", clock(s.uptime_sec or 0)),
-      string.format("model: %s %s, %s (%s)", model.variant or "?", model.state or "?", model.device or "no device yet",
-        model.provider or "-"),
-    }
-    if s.running then
-      table.insert(lines, string.format("generating %s: %d%%", s.running.track_id, s.running.percent or 0))
-    end
-    table.insert(lines, string.format("queue: %d waiting", s.queue and #s.queue or 0))
-    local player = require("lofi.player")
-    if player.current then
-      table.insert(lines, "playing " .. player.current.path)
-    end
-    notify(table.concat(lines, "\n"))
-  end)
-end
-
-M.command_tracks = function()
-  M.tracks(function(err, records)
-    if err then
-      return M.report(err)
-    end
-    if not records or #records == 0 then
-      return notify("no tracks yet; make one with :LofiGenerate")
-    end
-    vim.ui.select(records, {
-      prompt = "lofi: play which track?",
-      format_item = function(r)
-        local date = r.created_at and os.date("%Y-%m-%d %H:%M", math.floor(r.created_at)) or ""
-        return string.format("%s  %s  %ds  %s", r.track_id, date, r.duration_sec or 0, short(r.prompt))
-      end,
-    }, function(choice)
-      if choice then
-        M.play(choice)
-      end
-    end)
-  end, 100)
-end
-
---- Completion for :LofiPlay: the ids of the tracks this session knows.
-M.complete_tracks = function(lead)
-  local ids = {}
-  for id in pairs(M.state.tracks) do
-    if id:sub(1, #lead) == lead then
-      table.insert(ids, id)
-    end
-  end
-  table.sort(ids)
-  return ids
 end
 
 return M
