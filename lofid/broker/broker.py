@@ -210,9 +210,9 @@ class Broker:
             self.progress = None
         if self.location.missing:  # the worker downloaded the model for this job
             await self.locate()
+        await self.enforce_cache_cap(keep=job.track_id)  # within the cap before anyone hears of it
         log.info("track %s complete in %.1f s", job.track_id, record.get("generation_time_sec", 0))
         self.fan_out(job, "generation_complete", record)
-        await self.enforce_cache_cap(keep=job.track_id)
 
     async def _run_download(self, variant: str, force: bool) -> None:
         waiters, self.download_waiters = self.download_waiters, set()
