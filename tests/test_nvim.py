@@ -290,6 +290,12 @@ def test_checkhealth(daemon, start_nvim, short_tmp):
     assert "ERROR" in report and "lofid is not reachable: NOT_RUNNING" in report, report
     assert "start it" in report, report
     assert not nvim.texts("deprecated"), nvim.texts("deprecated")
+    # lofid left with nothing in flight (as an idle_exit_sec daemon does): no message, no
+    # reconnect loop (that would wake a socket-activated one), the next request connects
+    assert not nvim.texts("DISCONNECTED") and not nvim.lua("return require('lofi.daemon').reconnecting()")
+    daemon.start()
+    report = _health_lines(nvim)
+    assert "ERROR" not in report and "is running" in report, report
 
 
 def test_consent_flow_against_the_fake_hub(short_tmp, start_nvim):

@@ -89,8 +89,7 @@ local function get_client()
         emit("connect")
       end,
       on_close = function(err)
-        emit("disconnect", err)
-        M.reconnect()
+        emit("disconnect", err) -- the listener calls reconnect() if work was lost
       end,
     })
   end
@@ -204,6 +203,8 @@ M.start = function(cb)
 end
 
 --- Try to connect again with backoff after lofid went away, until reconnect_timeout_ms.
+--- Only while work is in flight: an idle lofid may exit on purpose (idle_exit_sec), and a
+--- connect would start a socket-activated one again; the next request connects anyway.
 M.reconnect = function()
   local cfg = config()
   if not cfg.reconnect or M.reconnect_timer then

@@ -2,6 +2,7 @@
 -- loop them in the background. Every call is asynchronous: nothing here waits for lofid.
 local uv = vim.uv or vim.loop
 local errors = require("lofi.errors")
+local daemon = require("lofi.daemon")
 
 local M = {}
 
@@ -232,6 +233,9 @@ local function on_disconnect(err)
     table.insert(lost, job)
     M.state.jobs[id] = nil
   end
+  if #lost == 0 and not M.state.download then
+    return -- nothing in flight: an idle lofid may exit; the next request connects again
+  end
   M.state.lost = true
   local what = ""
   if #lost > 0 then
@@ -254,6 +258,7 @@ local function on_disconnect(err)
   if M.state.download then
     download_done(errors.new(errors.CODE.DISCONNECTED, "lofid went away during the model download"))
   end
+  daemon.reconnect()
   fire("LofiError")
 end
 
@@ -280,7 +285,6 @@ local function on_connect()
   fire("LofiProgress")
 end
 
-local daemon = require("lofi.daemon")
 daemon.on("notification", function(method, payload)
   local handler = handlers[method]
   if handler then
