@@ -393,3 +393,15 @@ def test_default_level_is_quiet_and_journald_gets_priorities(make_daemon, short_
     lines = d.logs().splitlines()
     assert not any("connected" in line for line in lines)  # debug lines stay out at the default level
     assert any(line.startswith("<6>lofid: lofid ") and "listening on" in line for line in lines), lines
+
+
+def test_service_install_stops_a_lofid_started_by_hand(fake_tools, make_daemon):
+    """Otherwise that daemon would keep the lock while systemd takes over its socket path."""
+    env, log, home = fake_tools
+    d = make_daemon()
+    assert str(d.socket) == env["LOFID_SOCKET"]
+    r = lofictl(env, "service", "install", "--manager", "systemd")
+    assert r.returncode == 0, r.stderr
+    assert f"stopped the running lofid (pid {d.proc.pid})" in r.stderr
+    assert d.proc.wait(20) == 0
+    assert log.read_text().splitlines()[-1] == "systemctl --user enable --now lofid.socket"

@@ -354,7 +354,12 @@ def stop_unmanaged_daemon(settings) -> None:
     """A lofid started by lofictl would keep its lock while the service takes its socket path."""
     try:
         with Client(settings.socket, timeout=5) as c:
-            pid = c.call("status")["pid"]
+            status = c.call("status")
+            pid = status["pid"]
+            if status.get("running") or status.get("queue"):
+                print(f"lofictl: note: lofid (pid {pid}) is busy; it keeps running until you stop it "
+                      "(`lofictl` can then reach the service)", file=sys.stderr)
+                return
             c.call("shutdown")
     except (OSError, TimeoutError, LofiError, Disconnected):
         return
