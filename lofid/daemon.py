@@ -22,14 +22,12 @@ from lofid import config, paths
 from lofid.broker import systemd
 from lofid.broker.broker import Broker
 from lofid.broker.server import Server
+from lofid.logs import setup_logging
 
 log = logging.getLogger("lofid")
 
 EXIT_CONFIG = 2  # invalid configuration: restarting will not help (RestartPreventExitStatus=2)
 EXIT_FAILURE = 1
-
-# syslog priorities, understood by journald at the start of a line (SyslogLevelPrefix=)
-_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,41 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lofid {lofid.__version__}")
     config.add_arguments(parser)
     return parser
-
-
-class OneLineFormatter(logging.Formatter):
-    """One line per event, tracebacks included; a syslog priority prefix for journald."""
-
-    def __init__(self, journal: bool) -> None:
-        plain = "%(asctime)s lofid[%(process)d] %(levelname)s %(name)s: %(message)s"
-        super().__init__("%(name)s: %(message)s" if journal else plain)
-        self.journal = journal
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record).replace("\n", " | ")
-        if self.journal:
-            return f"<{_PRIORITY.get(record.levelno, 6)}>{text}"
-        return text
-
-
-def _stderr_is_journal() -> bool:
-    """systemd sets JOURNAL_STREAM=dev:ino when stderr is connected to the journal."""
-    try:
-        dev, ino = (int(x) for x in os.environ.get("JOURNAL_STREAM", "").split(":"))
-        st = os.fstat(sys.stderr.fileno())
-    except (ValueError, OSError):
-        return False
-    return (st.st_dev, st.st_ino) == (dev, ino)
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(OneLineFormatter(_stderr_is_journal()))
-    lofid_level = getattr(logging, level.upper())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(max(lofid_level, logging.WARNING))  # other libraries: warnings and up
-    logging.getLogger("lofid").setLevel(lofid_level)
 
 
 def inherited_socket() -> socket.socket | None:

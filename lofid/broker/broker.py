@@ -225,10 +225,12 @@ class Broker:
             self._broadcast(waiters, "download_error", {**e.to_dict(), "code": errors.MODEL_DOWNLOAD_FAILED}
                             if e.code != errors.MODEL_DOWNLOAD_FAILED else e.to_dict())
         else:
+            await self.locate()  # before telling anyone: the next generate must hash with the new version
             self._broadcast(waiters, "download_complete", {"repo": assets.REPO, **result})
         finally:
             self.downloading = False
-            await self.locate()
+            if self.location is None or self.location.missing:
+                await self.locate()
 
     def on_worker_event(self, ev: dict, job: Job | None, waiters: set | None = None) -> None:
         kind = ev.pop("ev")

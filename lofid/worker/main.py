@@ -24,6 +24,7 @@ from typing import Any
 from lofid import errors
 from lofid.config import Settings
 from lofid.errors import LofiError
+from lofid.logs import setup_logging
 
 log = logging.getLogger("lofid.worker")
 
@@ -141,7 +142,8 @@ class Worker:
             self.send({"ev": "progress", "track_id": tid, "tokens_generated": int(done), "tokens_estimated": int(total)})
 
         audio = self.engine.generate(job["prompt"], job["duration_sec"], job["seed"], top_k=s.top_k,
-                                     temperature=s.temperature, guidance_scale=s.guidance_scale, progress=progress)
+                                     temperature=s.temperature, guidance_scale=s.guidance_scale,
+                                     progress=progress)
         final = Path(s.cache_dir) / f"{tid}.wav"
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         self._writing = True
@@ -176,8 +178,7 @@ def _limit_memory(megabytes: int | None) -> None:
 
 def run(conn, settings: Settings) -> None:
     """Entry point of the spawned worker process."""
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="lofid-worker[%(process)d] %(levelname)s %(name)s: %(message)s")
+    setup_logging(settings.log_level, "lofid-worker")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the broker's to handle
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file-size limit becomes an OSError, not death
     worker = Worker(conn, settings)
