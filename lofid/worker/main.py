@@ -139,7 +139,8 @@ class Worker:
         started = time.monotonic()
 
         def progress(done: int, total: int) -> None:
-            self.send({"ev": "progress", "track_id": tid, "tokens_generated": int(done), "tokens_estimated": int(total)})
+            self.send({"ev": "progress", "track_id": tid, "tokens_generated": int(done),
+                       "tokens_estimated": int(total)})
 
         audio = self.engine.generate(job["prompt"], job["duration_sec"], job["seed"], top_k=s.top_k,
                                      temperature=s.temperature, guidance_scale=s.guidance_scale,
