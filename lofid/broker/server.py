@@ -16,6 +16,7 @@ import socket
 import stat
 import struct
 import sys
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -163,10 +164,12 @@ class Server:
             log.debug("%r disconnected", conn)
 
     async def _serve(self, conn: Connection) -> None:
+        deadline = 0.0  # when the frame being received must be complete (a trickle does not extend it)
         while not conn.closed:
             try:
                 if conn.decoder.pending:
-                    data = await asyncio.wait_for(conn.reader.read(READ_CHUNK), self.frame_timeout_sec)
+                    left = max(0.0, deadline - time.monotonic())
+                    data = await asyncio.wait_for(conn.reader.read(READ_CHUNK), left)
                 else:
                     data = await conn.reader.read(READ_CHUNK)
             except asyncio.TimeoutError:
@@ -174,14 +177,18 @@ class Server:
                 return
             if not data:
                 return
+            was_pending = conn.decoder.pending
             try:
                 values = conn.decoder.feed(data)
             except rpc.FrameError as e:
                 conn.reply(None, LofiError(errors.INVALID_PARAMS, f"bad frame: {e}; closing").to_dict())
                 await _drain(conn)
                 return
+            new_frame = conn.decoder.pending and (values or not was_pending)  # a frame began in this chunk
             for value in values:
                 await self._on_value(conn, value)
+            if new_frame:
+                deadline = time.monotonic() + self.frame_timeout_sec
 
     async def _on_value(self, conn: Connection, value: Any) -> None:
         try:
