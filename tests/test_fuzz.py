@@ -15,14 +15,14 @@ import time
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from rawclient import Raw
 
 from lofid import rpc
 from lofid.broker.broker import DURATION_MAX, DURATION_MIN, PROMPT_MAX, SEED_MAX, parse_generate
 from lofid.broker.tracks import TrackCache, check_track_id, track_id
 from lofid.errors import LofiError
-from rawclient import Raw
 
 # A budget that keeps the whole file well under a minute on a shared 2-core machine.
 SCALE = float(os.environ.get("LOFID_FUZZ_SCALE", "1"))  # e.g. 10 for a long local run
@@ -43,8 +43,8 @@ msgpack_values = st.recursive(
     max_leaves=30,
 )
 unicode_prompts = st.lists(  # surrogates excluded: not UTF-8, they cannot arrive in a msgpack str
-    st.one_of(st.characters(exclude_categories=("Cs",)), st.sampled_from(["\x00", "\u202e", "\u200f", "ש", "ل", "🎹", "👩\u200d🎤", "\ufeff",
-                                                " ", "\t", "\n"])),
+    st.one_of(st.characters(exclude_categories=("Cs",)),
+              st.sampled_from(["\x00", "\u202e", "\u200f", "ש", "ل", "🎹", "👩\u200d🎤", "\ufeff", " ", "\t", "\n"])),
     max_size=PROMPT_MAX + 5).map("".join)
 
 

@@ -76,10 +76,11 @@ def test_worker_sigkill_storm(make_daemon):
             # victim A: killed mid-generation or while its WAV is written
             if phase == "generating":
                 percent = rnd.randrange(5, 95, 5)
-                c.notification(30, match=lambda m, p: p.get("track_id") == a["track_id"]
-                               and m == "generation_progress" and p["percent"] >= percent)
+                c.notification(30, match=lambda m, p, tid=a["track_id"], pct=percent: p.get("track_id") == tid
+                               and m == "generation_progress" and p["percent"] >= pct)
             else:
-                wait_for(lambda: glob.glob(str(daemon.cache_dir / f".{a['track_id']}.wav.*.tmp")), 30,
+                pattern = str(daemon.cache_dir / f".{a['track_id']}.wav.*.tmp")
+                wait_for(lambda pattern=pattern: glob.glob(pattern), 30,
                          "the temporary WAV")
                 time.sleep(rnd.uniform(0, 0.5))  # well inside the 2 s fsync window
             status = c.call("status")
@@ -92,10 +93,10 @@ def test_worker_sigkill_storm(make_daemon):
             assert final_files(daemon.cache_dir, a["track_id"]) == []  # no half file under a final name
 
             # victim B: the next job starts a fresh worker, which loads the model (0.4 s): killed then
-            def loading():
+            def loading(tid=b["track_id"], old=pid_a):
                 s = c.call("status")
-                return (s.get("running", {}).get("track_id") == b["track_id"] and s["model"]["state"] == "loading"
-                        and s["worker"]["pid"] not in (None, pid_a) and s["worker"]["pid"])
+                return (s.get("running", {}).get("track_id") == tid and s["model"]["state"] == "loading"
+                        and s["worker"]["pid"] not in (None, old) and s["worker"]["pid"])
             pid_b = wait_for(loading, 30, "the new worker to load")
             time.sleep(rnd.uniform(0, 0.2))
             os.kill(pid_b, signal.SIGKILL)
