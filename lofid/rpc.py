@@ -86,11 +86,10 @@ class Decoder:
 
 def parse(value: Any) -> Message:
     """Check one decoded value and return the message it is, or raise MessageError."""
-    if not isinstance(value, list) or not value or value[0] not in (REQUEST, RESPONSE, NOTIFICATION):
-        raise MessageError("not a msgpack-rpc message (expected [type, ...])")
+    if not isinstance(value, list) or not value or type(value[0]) is not int \
+            or value[0] not in (REQUEST, RESPONSE, NOTIFICATION):
+        raise MessageError("not a msgpack-rpc message (expected [type, ...] with type 0, 1 or 2)")
     kind = value[0]
-    if isinstance(kind, bool):
-        raise MessageError("not a msgpack-rpc message (bad type field)")
     if kind == REQUEST:
         msgid = value[1] if len(value) > 1 else None
         if not _is_msgid(msgid):

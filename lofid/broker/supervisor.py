@@ -72,8 +72,21 @@ class Supervisor:
 
     # -- lifecycle -------------------------------------------------------------
 
+    def _idle_worker_alive(self) -> bool:
+        """Alive and its pipe still open. A worker killed a moment ago may not be reaped yet,
+        but the reader thread has already queued EOF: then it counts as dead."""
+        if self._process is None or not self._process.is_alive():
+            return False
+        while not self._events.empty():
+            ev = self._events.get_nowait()
+            if ev is _EOF:
+                _signal(self._process.pid, signal.SIGKILL)  # make sure: it is on its way out anyway
+                return False
+            log.warning("dropping a stale %r message from the worker", ev.get("ev"))
+        return True
+
     async def _ensure_started(self) -> None:
-        if self._process is not None and self._process.is_alive():
+        if self._idle_worker_alive():
             return
         self._cleanup()
         if self._failures > 0:

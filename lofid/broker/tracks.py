@@ -33,7 +33,7 @@ from lofid.errors import LofiError
 log = logging.getLogger(__name__)
 
 TRACK_ID_LEN = 16
-_TRACK_ID = re.compile(rf"^[0-9a-f]{{{TRACK_ID_LEN}}}$")
+_TRACK_ID = re.compile(rf"[0-9a-f]{{{TRACK_ID_LEN}}}")  # always with fullmatch
 TMP_PREFIX = "."
 
 
@@ -49,7 +49,7 @@ def track_id(prompt: str, seed: int, duration_sec: float, model_version: str) ->
 
 def check_track_id(value: object) -> str:
     """Validate a client-supplied id before any path is built from it."""
-    if not isinstance(value, str) or not _TRACK_ID.match(value):
+    if not isinstance(value, str) or not _TRACK_ID.fullmatch(value):
         raise LofiError(errors.INVALID_PARAMS, f"track_id must be {TRACK_ID_LEN} lowercase hex digits")
     return value
 
@@ -124,7 +124,7 @@ class TrackCache:
         """Complete tracks, newest first (by creation)."""
         records = []
         for p in self.root.glob("*.json"):
-            if _TRACK_ID.match(p.stem):
+            if _TRACK_ID.fullmatch(p.stem):
                 record = self.get(p.stem, touch=False)
                 if record is not None:
                     records.append(record)
@@ -137,7 +137,7 @@ class TrackCache:
         """Complete tracks with their size, least recently used first."""
         out = []
         for p in self.root.glob("*.json"):
-            if not _TRACK_ID.match(p.stem):
+            if not _TRACK_ID.fullmatch(p.stem):
                 continue
             try:
                 st, wav = p.stat(), (p.with_suffix(".wav")).stat()
