@@ -41,7 +41,8 @@ class Daemon:
         if not self.config.exists():
             self.config.write_text("")
         self.flags = flags
-        self.env = {**os.environ, "HF_HOME": str(tmp / "hf"), "LOFID_ENGINE": SCRIPTED_ENGINE, **(env or {}),
+        self.env = {**os.environ, "HF_HOME": str(tmp / "hf"), "LOFID_ENGINE": SCRIPTED_ENGINE,
+                    "LOFID_OPTIMIZED_DIR": str(tmp / "optimized"), **(env or {}),
                     "PYTHONPATH": _pythonpath()}
         self.env.pop("LOFID_SOCKET", None)
         self.proc: subprocess.Popen | None = None
