@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where a decoder step's milliseconds go: onnxruntime profiling of lofid's engine.
 
-    python bench/profile.py [--variant int8] [--frames 300] [--model /tmp/lofid-full]
+    python bench/op_profile.py [--variant int8] [--frames 300] [--model /tmp/lofid-full]
 
 Runs ``frames`` steps with ``enable_profiling`` on the decoder session, groups the
 kernel times by op type (per step), and times the numpy work of the loop (guidance,
