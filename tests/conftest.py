@@ -18,11 +18,11 @@ FIXTURE_MODEL = ROOT / "tests" / "fixtures" / "music_gen"
 SCRIPTED_ENGINE = "engines:ScriptedEngine"
 
 
-def make_fake_model(root: Path, variant: str = "fp16") -> Path:
+def make_fake_model(root: Path, variants: tuple[str, ...] = ("fp32", "fp16", "int8")) -> Path:
     """Placeholder files in the hub layout, for the scripted engine (it reads none of them)."""
     from lofid.worker import assets
 
-    for rel in assets.variant_files(variant):
+    for rel in {rel for variant in variants for rel in assets.variant_files(variant)}:
         p = root / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"placeholder " + rel.encode())

@@ -136,7 +136,7 @@ def test_lofictl_config_prints_values_sources_and_paths(short_tmp):
     assert out["settings"]["top_k"] == 12 and out["sources"]["top_k"] == str(toml)
     assert out["settings"]["temperature"] == 0.8 and out["sources"]["temperature"] == "env LOFID_TEMPERATURE"
     assert out["settings"]["socket"] == str(short_tmp / "s.sock") and out["sources"]["socket"] == "flag --socket"
-    assert out["settings"]["variant"] == "fp16" and out["sources"]["variant"] == "default"
+    assert out["settings"]["variant"] == "int8" and out["sources"]["variant"] == "default"
     assert set(out["paths"]) >= {"socket", "config file", "track cache", "state", "models", "daemon log", "service"}
     assert out["paths"]["models"].startswith(f"Hugging Face cache: {short_tmp / 'hf' / 'hub'}")
     text = lofictl(env, "config").stdout

@@ -42,8 +42,8 @@ def test_consent_download_generate_and_never_asked_again(make_daemon, hub, short
             gen(c, "first step=0")
         err = e.value
         assert err.code == "MODEL_NOT_FOUND" and err.data["consent_required"] is True
-        assert err.data["repo"] == "gabotechs/music_gen" and err.data["variant"] == "fp16"
-        assert "small_fp16/decoder_with_past_model.onnx" in err.data["files"] and err.data["download_bytes"] > 1e9
+        assert err.data["repo"] == "gabotechs/music_gen" and err.data["variant"] == "int8"
+        assert "small_i8/decoder_model_merged.onnx" in err.data["files"] and err.data["download_bytes"] > 5e8
         assert hub.count() == 0  # asking needs no network
         assert c.call("status")["queue"] == []
 
@@ -54,11 +54,11 @@ def test_consent_download_generate_and_never_asked_again(make_daemon, hub, short
             m, p = c.notifications.popleft()
             if m == "download_progress":
                 progress.append(p)
-    assert record["status"] == "complete" and record["model_version"] == f"gabotechs/music_gen@{hub.commit}/fp16"
+    assert record["status"] == "complete" and record["model_version"] == f"gabotechs/music_gen@{hub.commit}/int8"
     assert progress and progress[-1]["percent"] == 100
     done = [p["bytes_done"] for p in progress]
     assert done == sorted(done) and progress[-1]["bytes_done"] == progress[-1]["bytes_total"]
-    assert {p["file"] for p in progress} >= {"small_fp16/decoder_model.onnx"}
+    assert {p["file"] for p in progress} >= {"small_i8/decoder_model_merged.onnx"}
 
     # consent is remembered: with the model gone, a new daemon downloads without asking
     daemon.stop()
@@ -72,14 +72,14 @@ def test_consent_download_generate_and_never_asked_again(make_daemon, hub, short
 
 def test_dropped_connection_fails_every_waiting_job_then_recovers(make_daemon, hub, short_tmp):
     daemon = hub_daemon(make_daemon, hub, short_tmp, allow_download=True)
-    hub.drop_after("small_fp16/decoder_model.onnx", 50_000)
+    hub.drop_after("small_i8/decoder_model_merged.onnx", 50_000)
     with daemon.client() as c:
         jobs = [gen(c, f"waiting {i} step=0", seed=i) for i in range(3)]
         for j in jobs:
             with pytest.raises(LofiError) as e:
                 c.wait_track(j["track_id"])
             assert e.value.code == "MODEL_DOWNLOAD_FAILED"
-            assert "small_fp16/decoder_model.onnx" in e.value.message
+            assert "small_i8/decoder_model_merged.onnx" in e.value.message
         assert c.call("status")["pid"] == daemon.proc.pid
         hf_files = [p.name for p in (short_tmp / "hf").rglob("*") if p.is_file()]
         assert not any(n.endswith(".onnx") for n in hf_files if "decoder_model" in n)
@@ -88,14 +88,14 @@ def test_dropped_connection_fails_every_waiting_job_then_recovers(make_daemon, h
 
 
 def test_404_and_offline_give_clear_errors(make_daemon, hub, short_tmp):
-    hub.fail("small_fp16/encodec_decode.onnx", 404)
+    hub.fail("small_fp32/encodec_decode.onnx", 404)
     daemon = hub_daemon(make_daemon, hub, short_tmp, allow_download=True)
     with daemon.client() as c:
         r = gen(c, "missing upstream step=0")
         with pytest.raises(LofiError) as e:
             c.wait_track(r["track_id"])
         assert e.value.code == "MODEL_DOWNLOAD_FAILED" and "404" in e.value.message
-        assert "small_fp16/encodec_decode.onnx" in e.value.message
+        assert "small_fp32/encodec_decode.onnx" in e.value.message
     daemon.stop()
     offline = make_daemon(model_dir=None, env=hub.env(short_tmp / "hf2", offline=True), allow_download=True,
                           socket=short_tmp / "run2" / "lofid.sock")
@@ -110,12 +110,12 @@ def test_download_model_method_reports_progress(make_daemon, hub, short_tmp):
     daemon = hub_daemon(make_daemon, hub, short_tmp)
     with daemon.client() as c, daemon.client() as watcher:
         watcher.call("subscribe")
-        assert c.call("download_model", {"variant": "int8"})["state"] == "downloading"
+        assert c.call("download_model", {"variant": "fp16"})["state"] == "downloading"
         m, p = c.notification(60, match=lambda m, p: m in ("download_complete", "download_error"))
-        assert m == "download_complete" and p["variant"] == "int8", p
+        assert m == "download_complete" and p["variant"] == "fp16", p
         assert any(m == "download_progress" for m, _ in c.notifications)
         wm, _ = watcher.notification(10, match=lambda m, p: m == "download_complete")
-        # consent given by download_model: the fp16 model is fetched without asking
+        # consent given by download_model: the default int8 model is fetched without asking
         r = gen(c, "after consent step=0")
         assert c.wait_track(r["track_id"])["status"] == "complete"
         with pytest.raises(LofiError) as e:

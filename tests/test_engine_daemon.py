@@ -67,19 +67,19 @@ def test_same_seed_is_byte_identical_across_daemon_runs(make_daemon, short_tmp):
 def test_missing_file_is_model_not_found(make_daemon, short_tmp):
     model = short_tmp / "partial"
     shutil.copytree(FIXTURE_MODEL, model)
-    (model / "small_fp16" / "encodec_decode.onnx").unlink()
+    (model / "small_fp32" / "encodec_decode.onnx").unlink()  # the int8 default uses fp32 EnCodec
     daemon = real_daemon(make_daemon, model_dir=model)
     with daemon.client() as c:
         with pytest.raises(LofiError) as e:
             c.call("generate", {"prompt": "x", "duration_sec": 5, "seed": 1})
-    assert e.value.code == "MODEL_NOT_FOUND" and "small_fp16/encodec_decode.onnx" in e.value.message
+    assert e.value.code == "MODEL_NOT_FOUND" and "small_fp32/encodec_decode.onnx" in e.value.message
     assert "consent_required" not in e.value.data  # a model dir is never downloaded to
 
 
 def test_truncated_file_is_model_load_failed(make_daemon, short_tmp):
     model = short_tmp / "truncated"
     shutil.copytree(FIXTURE_MODEL, model)
-    f = model / "small_fp16" / "decoder_with_past_model.onnx"
+    f = model / "small_i8" / "decoder_model_merged.onnx"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     daemon = real_daemon(make_daemon, model_dir=model)
     with daemon.client() as c:

@@ -18,7 +18,7 @@ from lofictl.client import Client
 def env(short_tmp):
     e = {**os.environ, "PYTHONPATH": _pythonpath(), "LOFID_ENGINE": SCRIPTED_ENGINE,
          "LOFID_SOCKET": str(short_tmp / "run" / "lofid.sock"), "LOFID_CACHE_DIR": str(short_tmp / "tracks"),
-         "LOFID_STATE_DIR": str(short_tmp / "state"), "LOFID_MODEL_DIR": str(make_fake_model(short_tmp / "model")),
+         "LOFID_STATE_DIR": str(short_tmp / "state"), "LOFID_MODEL_DIR": str(make_fake_model(short_tmp / "model", ("int8",))),
          "LOFID_CONFIG": str(short_tmp / "config.toml"), "HF_HOME": str(short_tmp / "hf")}
     (short_tmp / "config.toml").write_text("")
     yield e
@@ -99,8 +99,9 @@ def test_play_uses_the_first_player_without_a_shell(env, short_tmp):
 def test_models_list(env):
     r = lofictl(env, "--json", "models", "list")
     rows = {row["variant"]: row for row in json.loads(r.stdout)}
-    assert rows["fp16"]["present"] is True and rows["fp16"]["default"] is True
-    assert rows["fp32"]["present"] is False and "small_fp32/decoder_model_merged.onnx" in rows["fp32"]["missing"]
+    assert rows["int8"]["present"] is True and rows["int8"]["default"] is True  # the CPU default
+    assert rows["fp32"]["present"] is False and rows["fp32"]["missing"] == ["small_fp32/decoder_model_merged.onnx"]
+    assert rows["fp16"]["present"] is False and not rows["fp16"]["default"]
 
 
 def test_daemon_subcommand_is_lofid(env):

@@ -167,7 +167,7 @@ def test_generate_progress_complete(daemon, start_nvim, short_tmp):
     # :LofiStatus
     nvim.cmd("LofiStatus")
     status = nvim.wait("return _G.lofi_test.texts('pid')[1]")
-    assert "lofid" in status and "model: fp16" in status, status
+    assert "lofid" in status and "model: int8" in status, status
     # errors: the code and the daemon's sentence, at a level fitting the code
     nvim.cmd("LofiGenerate too long duration=500")
     msg = nvim.wait("return _G.lofi_test.texts('INVALID_DURATION')[1]")

@@ -189,8 +189,7 @@ class Broker:
 
     async def _run_job(self, job: Job) -> None:
         log.info("generating %s (%g s, seed %d): %r", job.track_id, job.duration_sec, job.seed, job.prompt[:80])
-        self.progress = Progress()
-        self.fan_out(job, "generation_progress", {"track_id": job.track_id, **self.progress.update(0, 1)[0]})
+        self.progress = Progress()  # 0 % goes out with the first decoder step, after any model load
         self.set_status(self._generating_status())
         try:
             result = await self.supervisor.call({"op": "generate", "job": job.to_worker()},
