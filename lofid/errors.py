@@ -54,7 +54,7 @@ class LofiError(Exception):
         return {**self.data, "code": self.code, "message": self.message}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LofiError":
+    def from_dict(cls, d: dict) -> LofiError:
         data = {k: v for k, v in d.items() if k not in ("code", "message")}
         code = d.get("code", INTERNAL)
         if code not in CODES:

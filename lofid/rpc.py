@@ -9,7 +9,7 @@ objects and back; it knows nothing about methods or sockets.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import msgpack
 
@@ -53,7 +53,7 @@ class Notification:
     params: list
 
 
-Message = Union[Request, Response, Notification]
+Message = Request | Response | Notification
 
 
 class Decoder:

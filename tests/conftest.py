@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from lofictl.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +57,7 @@ class Daemon:
             argv += [flag] if value is True else [flag, str(value)]
         return argv
 
-    def start(self, wait: bool = True) -> "Daemon":
+    def start(self, wait: bool = True) -> Daemon:
         self.proc = subprocess.Popen(self.argv(), env=self.env, stdout=subprocess.DEVNULL,
                                      stderr=open(self.log, "ab"), start_new_session=True)
         if wait:

@@ -41,7 +41,7 @@ class ScriptedEngine:
         self.load_time_sec = 0.0
 
     @classmethod
-    def load(cls, root: Path, variant: str, *, device: str = "auto", threads: int | None = None) -> "ScriptedEngine":
+    def load(cls, root: Path, variant: str, *, device: str = "auto", threads: int | None = None) -> ScriptedEngine:
         if os.environ.get("LOFID_TEST_LOAD_SLEEP"):
             time.sleep(float(os.environ["LOFID_TEST_LOAD_SLEEP"]))
         if device not in ("auto", "cpu"):

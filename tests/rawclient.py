@@ -46,7 +46,7 @@ class Raw:
             while self.recv_obj(timeout) is not None:
                 pass
             return True
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             return False
         except ConnectionResetError:
             return True

@@ -13,9 +13,9 @@ import sys
 import time
 
 import pytest
+from rawclient import Raw
 
 from lofid.errors import LofiError
-from rawclient import Raw
 
 
 def gen(c, prompt="lofi", duration=5, seed=1, **kw):
@@ -320,7 +320,8 @@ def test_broker_never_loads_numpy_or_onnxruntime(daemon):
     assert "_multiarray_umath" in worker_maps  # the check can see numpy where it is
     for lib in ("_multiarray_umath", "onnxruntime"):
         assert lib not in broker_maps, lib
-    code = "import sys, lofid.daemon, lofid.broker.broker; print(sorted(m for m in sys.modules if m.split('.')[0] in ('numpy', 'onnxruntime', 'scipy', 'tokenizers')))"
+    code = ("import sys, lofid.daemon, lofid.broker.broker; print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('numpy', 'onnxruntime', 'scipy', 'tokenizers')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

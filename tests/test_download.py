@@ -8,8 +8,8 @@ import shutil
 import time
 
 import pytest
-
 from fakehub import FakeHub, write_random_model
+
 from lofid.errors import LofiError
 
 

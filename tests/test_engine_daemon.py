@@ -8,8 +8,8 @@ import wave
 
 import numpy as np
 import pytest
-
 from conftest import FIXTURE_MODEL
+
 from lofid.errors import LofiError
 
 REAL_ENGINE = {"LOFID_ENGINE": "lofid.worker.musicgen:MusicGen"}

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import SCRIPTED_ENGINE, _pythonpath, make_fake_model
 from lofictl.client import Client
 
@@ -18,7 +17,8 @@ from lofictl.client import Client
 def env(short_tmp):
     e = {**os.environ, "PYTHONPATH": _pythonpath(), "LOFID_ENGINE": SCRIPTED_ENGINE,
          "LOFID_SOCKET": str(short_tmp / "run" / "lofid.sock"), "LOFID_CACHE_DIR": str(short_tmp / "tracks"),
-         "LOFID_STATE_DIR": str(short_tmp / "state"), "LOFID_MODEL_DIR": str(make_fake_model(short_tmp / "model", ("int8",))),
+         "LOFID_STATE_DIR": str(short_tmp / "state"),
+         "LOFID_MODEL_DIR": str(make_fake_model(short_tmp / "model", ("int8",))),
          "LOFID_CONFIG": str(short_tmp / "config.toml"), "HF_HOME": str(short_tmp / "hf")}
     (short_tmp / "config.toml").write_text("")
     yield e

@@ -51,7 +51,12 @@ REFERENCE_CASES = [
     ("rain_50", "rainy night jazz, slow drums and warm bass", 50),
     ("chip_100", "8-bit chiptune melody", 100),
 ]
-WORDS = ["lofi", "hip", "hop", "beat", "with", "soft", "piano", "rainy", "night", "jazz", "slow", "drums", "and", "warm", "bass", "chill", "ambient", "synth", "guitar", "melody", "chiptune", "8-bit", "calm", "relaxing", "study", "music", "vinyl", "crackle", "a", "the", "of", "in", "for", "to", "on", "slow", "fast", "upbeat", "dreamy", "mellow", "electronic", "acoustic"]
+WORDS = [
+    "lofi", "hip", "hop", "beat", "with", "soft", "piano", "rainy", "night", "jazz", "slow",
+    "drums", "and", "warm", "bass", "chill", "ambient", "synth", "guitar", "melody", "chiptune",
+    "8-bit", "calm", "relaxing", "study", "music", "vinyl", "crackle", "a", "the", "of", "in",
+    "for", "to", "on", "slow", "fast", "upbeat", "dreamy", "mellow", "electronic", "acoustic",
+]
 
 
 def build_tokenizer() -> Tokenizer:

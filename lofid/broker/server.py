@@ -31,9 +31,9 @@ MAX_CONNECTIONS = 256
 
 
 class Handler(Protocol):
-    async def handle(self, conn: "Connection", method: str, params: list) -> Any: ...
+    async def handle(self, conn: Connection, method: str, params: list) -> Any: ...
 
-    def closed(self, conn: "Connection") -> None: ...
+    def closed(self, conn: Connection) -> None: ...
 
 
 def peer_uid(sock: socket.socket) -> int | None:
@@ -172,7 +172,7 @@ class Server:
                     data = await asyncio.wait_for(conn.reader.read(READ_CHUNK), left)
                 else:
                     data = await conn.reader.read(READ_CHUNK)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("%r stalled mid-frame; dropping it", conn)
                 return
             if not data:

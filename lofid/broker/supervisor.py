@@ -18,8 +18,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lofid import errors
 from lofid.config import Settings
@@ -174,7 +175,7 @@ class Supervisor:
         while True:
             try:
                 ev = await asyncio.wait_for(events.get(), timeout=stall)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self._failures += 1
                 log.error("the worker sent nothing for %.1f s; killing it", stall)
                 await self._kill()

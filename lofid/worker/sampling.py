@@ -56,6 +56,6 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     vals -= vals.max(axis=-1, keepdims=True)
     cdf = np.cumsum(np.exp(vals), axis=-1)                                    # [K, k]
     u = rng.random(logits.shape[0]) * cdf[:, -1]                               # [K]
-    pick = np.array([np.searchsorted(c, x, side="right") for c, x in zip(cdf, u)])
+    pick = np.array([np.searchsorted(c, x, side="right") for c, x in zip(cdf, u, strict=True)])
     pick = np.minimum(pick, k - 1)
     return top[np.arange(top.shape[0]), pick].astype(np.int64)

@@ -6,8 +6,9 @@ import collections
 import itertools
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lofid import rpc
 from lofid.errors import LofiError
@@ -33,7 +34,7 @@ class Client:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -68,7 +69,7 @@ class Client:
                 raise TimeoutError(f"no response to request {msgid}")
             try:
                 self._read(left)
-            except socket.timeout:
+            except TimeoutError:
                 raise TimeoutError(f"no response to request {msgid}") from None
         msg = self._responses.pop(msgid)
         if msg.error is not None:
@@ -92,7 +93,7 @@ class Client:
                 raise TimeoutError("no notification")
             try:
                 self._read(left)
-            except socket.timeout:
+            except TimeoutError:
                 raise TimeoutError("no notification") from None
 
     def wait_track(self, track_id: str, timeout: float | None = None,
