@@ -65,3 +65,27 @@ def acquire_lock(socket_path: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def tmp_path(final: Path, pid: int | None = None) -> Path:
+    """The temporary name ``final`` is written under before its rename: ``.<name>.<pid>.tmp``
+    (hidden, and tied to the writing process so that its leftovers can be found)."""
+    return final.with_name(f".{final.name}.{os.getpid() if pid is None else pid}.tmp")
+
+
+def is_tmp(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+def write_atomic(final: Path, data: bytes) -> None:
+    """Write, fsync, rename: ``final`` is either absent, the old file or all of ``data``."""
+    tmp = tmp_path(final)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -82,7 +82,8 @@ class ScriptedEngine:
 
 
 class _SlowOs:
-    """Stands in for ``os`` inside lofid.worker.wav: its next fsync sleeps first, then it steps aside."""
+    """Stands in for ``os`` inside lofid.paths (whose write_atomic writes the WAV): its next fsync
+    sleeps first, then it steps aside."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
@@ -97,6 +98,6 @@ class _SlowOs:
 
 
 def _slow_fsync(seconds: float | None) -> None:
-    from lofid.worker import wav
+    from lofid import paths
 
-    wav.os = os if seconds is None else _SlowOs(seconds)
+    paths.os = os if seconds is None else _SlowOs(seconds)

@@ -27,14 +27,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lofid import errors
+from lofid import errors, paths
 from lofid.errors import LofiError
 
 log = logging.getLogger(__name__)
 
 TRACK_ID_LEN = 16
 _TRACK_ID = re.compile(rf"[0-9a-f]{{{TRACK_ID_LEN}}}")  # always with fullmatch
-TMP_PREFIX = "."
 
 
 def track_id(prompt: str, seed: int, duration_sec: float, model_version: str) -> str:
@@ -54,24 +53,6 @@ def check_track_id(value: object) -> str:
     return value
 
 
-def tmp_path(final: Path) -> Path:
-    """The temporary name a final file is written under before its rename."""
-    return final.with_name(f"{TMP_PREFIX}{final.name}.{os.getpid()}.tmp")
-
-
-def write_atomic(final: Path, data: bytes) -> None:
-    tmp = tmp_path(final)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 class TrackCache:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -80,7 +61,7 @@ class TrackCache:
         """Create the folder; remove temporary files and half tracks of dead runs."""
         self.root.mkdir(parents=True, exist_ok=True)
         for p in self.root.iterdir():
-            if p.name.startswith(TMP_PREFIX) and p.name.endswith(".tmp"):
+            if paths.is_tmp(p):
                 log.info("removing leftover temporary file %s", p.name)
                 p.unlink(missing_ok=True)
             elif p.suffix == ".wav" and not p.with_suffix(".json").exists():
@@ -115,7 +96,7 @@ class TrackCache:
         tid = check_track_id(record["track_id"])
         record = {**record, "status": "complete", "path": str(self.wav_path(tid))}
         try:
-            write_atomic(self.root / f"{tid}.json", json.dumps(record, indent=1, ensure_ascii=False).encode())
+            paths.write_atomic(self.root / f"{tid}.json", json.dumps(record, indent=1, ensure_ascii=False).encode())
         except OSError as e:
             raise LofiError(errors.STORAGE_FAILED, f"cannot write the track record in {self.root}: {e}") from None
         return record

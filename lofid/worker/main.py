@@ -146,10 +146,9 @@ class Worker:
                                      temperature=s.temperature, guidance_scale=s.guidance_scale,
                                      progress=progress)
         final = Path(s.cache_dir) / f"{tid}.wav"
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         self._writing = True
         try:
-            wav.write(final, audio, self.engine.sample_rate, tmp)
+            wav.write(final, audio, self.engine.sample_rate)
         except OSError as e:
             raise LofiError(errors.STORAGE_FAILED, f"cannot write {final}: {e.strerror or e}") from None
         finally:

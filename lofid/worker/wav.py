@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 
 import numpy as np
 from scipy.io import wavfile
+
+from lofid import paths
 
 
 def pcm16(audio: np.ndarray) -> np.ndarray:
@@ -15,14 +17,8 @@ def pcm16(audio: np.ndarray) -> np.ndarray:
     return np.round(samples * 32767.0).astype(np.int16)
 
 
-def write(final: Path, audio: np.ndarray, sample_rate: int, tmp: Path) -> None:
-    """Write ``audio`` to ``tmp``, fsync, rename to ``final``; remove ``tmp`` on failure."""
-    try:
-        with open(tmp, "wb") as f:
-            wavfile.write(f, int(sample_rate), pcm16(audio))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def write(final: Path, audio: np.ndarray, sample_rate: int) -> None:
+    """Write ``audio`` as ``final`` atomically (temporary name, fsync, rename)."""
+    buf = io.BytesIO()
+    wavfile.write(buf, int(sample_rate), pcm16(audio))
+    paths.write_atomic(final, buf.getvalue())
