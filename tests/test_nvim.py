@@ -23,6 +23,7 @@ from conftest import ROOT, Daemon, make_fake_model
 from lofictl.client import Client
 
 from lofid import rpc
+from lofid.worker.assets import variant_files
 
 NVIM = os.environ.get("LOFI_TEST_NVIM") or shutil.which("nvim")  # LOFI_TEST_NVIM: another Neovim to test
 pytestmark = pytest.mark.skipif(NVIM is None, reason="nvim is not installed")
@@ -283,7 +284,7 @@ def test_checkhealth(daemon, start_nvim, short_tmp):
     report = _health_lines(nvim)
     assert "ERROR" not in report and "WARNING" not in report, report
     assert "OK: lofid 0" in report or "OK lofid 0" in report, report
-    assert "model fp16: present" in report and "fakeplay" in report, report
+    assert "model int8: present" in report and "fakeplay" in report, report
 
     daemon.stop()
     report = _health_lines(nvim)
@@ -320,12 +321,12 @@ def test_consent_flow_against_the_fake_hub(short_tmp, start_nvim):
             assert Path(track).is_file()
             asked = nvim.asked()
             assert [a["kind"] for a in asked] == ["select", "select"]
-            assert "fp16 model (about 1.9 GB from gabotechs/music_gen)" in asked[1]["prompt"], asked
+            assert "int8 model (about 1.0 GB from gabotechs/music_gen)" in asked[1]["prompt"], asked
             assert asked[1]["items"][0].startswith("Download"), asked
             texts = nvim.texts()
             assert any("downloading the model" in t for t in texts), texts
             assert "lofi: model downloaded" in texts, texts
-            assert hub.count("GET") >= 6  # the variant's files came from the hub
+            assert hub.count("GET") >= len(variant_files("int8"))  # the variant's files came from the hub
             with Client(d.socket) as c:
                 assert c.call("status")["model"]["state"] in ("present", "loaded", "ready")
         finally:
