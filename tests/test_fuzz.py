@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from rawclient import Raw
 
 from lofid import rpc
-from lofid.broker.broker import DURATION_MAX, DURATION_MIN, PROMPT_MAX, SEED_MAX, parse_generate
+from lofid.broker.params import DURATION_MAX, DURATION_MIN, PROMPT_MAX, SEED_MAX, parse_generate
 from lofid.broker.tracks import TrackCache, check_track_id, track_id
 from lofid.errors import LofiError
 

@@ -1,4 +1,4 @@
-"""The broker: the rpc methods, the job runner, progress and notification fan-out.
+"""The broker: the rpc methods, the job runner and notification fan-out.
 
 It owns the queue, the track cache and the supervisor, and never imports numpy or
 onnxruntime: everything heavy happens in the worker process.
@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
-import secrets
 import time
 from typing import Any
 
 import lofid
 from lofid import errors
 from lofid.broker import systemd
+from lofid.broker.params import one_map, parse_generate
+from lofid.broker.progress import PROGRESS_STEP, Progress
 from lofid.broker.queue import Job, JobQueue
 from lofid.broker.server import Connection
 from lofid.broker.supervisor import Supervisor
@@ -28,86 +28,9 @@ from lofid.worker import assets
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
-PROMPT_MAX = 2000
-DURATION_MIN, DURATION_MAX, DURATION_DEFAULT = 5.0, 120.0, 30.0
-SEED_MAX = 2**32 - 1
-PROGRESS_STEP = 5
 MB = 1_000_000  # cache_max_mb is in MB, as lofictl prints sizes
 # Download sizes of the hub's variants, for the consent question (no network needed to ask it).
 APPROX_DOWNLOAD_BYTES = {"fp32": 2_250_000_000, "fp16": 1_870_000_000, "int8": 1_000_000_000}
-
-
-def _one_map(params: list, allowed: set[str]) -> dict:
-    """Every method takes at most one argument, a map with known keys."""
-    if len(params) > 1:
-        raise LofiError(errors.INVALID_PARAMS, "expected at most one argument, a map")
-    arg = params[0] if params else {}
-    if arg is None:
-        arg = {}
-    if not isinstance(arg, dict):
-        raise LofiError(errors.INVALID_PARAMS, "the argument must be a map")
-    unknown = sorted(str(k) for k in arg if k not in allowed)
-    if unknown:
-        raise LofiError(errors.INVALID_PARAMS, f"unknown key(s): {', '.join(unknown)}")
-    return arg
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def parse_generate(params: list) -> dict:
-    arg = _one_map(params, {"prompt", "duration_sec", "seed", "priority", "allow_download"})
-    prompt = arg.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise LofiError(errors.INVALID_PARAMS, "prompt is required: a non-empty string")
-    if len(prompt) > PROMPT_MAX:
-        raise LofiError(errors.INVALID_PARAMS, f"prompt is {len(prompt)} characters; at most {PROMPT_MAX}")
-    duration = arg.get("duration_sec", DURATION_DEFAULT)
-    if not _is_number(duration):
-        raise LofiError(errors.INVALID_PARAMS, "duration_sec must be a number of seconds")
-    if not (math.isfinite(duration) and DURATION_MIN <= duration <= DURATION_MAX):
-        raise LofiError(errors.INVALID_DURATION,
-                        f"duration_sec must be between {DURATION_MIN:g} and {DURATION_MAX:g}, not {duration}")
-    seed = arg.get("seed")
-    if seed is None:
-        seed = secrets.randbelow(SEED_MAX + 1)
-    elif not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX:
-        raise LofiError(errors.INVALID_PARAMS, f"seed must be an integer 0..{SEED_MAX}")
-    priority = arg.get("priority", "normal")
-    if priority not in ("normal", "high"):
-        raise LofiError(errors.INVALID_PARAMS, 'priority must be "normal" or "high"')
-    allow = arg.get("allow_download")
-    if allow is not None and not isinstance(allow, bool):
-        raise LofiError(errors.INVALID_PARAMS, "allow_download must be true or false")
-    return {"prompt": prompt, "duration_sec": float(duration), "seed": seed, "priority": priority,
-            "allow_download": allow}
-
-
-class Progress:
-    """Turns token counts into notifications at each 5 % step, with an ETA from the rate."""
-
-    def __init__(self) -> None:
-        self.next_percent = 0
-        self.percent = 0
-        self.started: float | None = None  # time of the first token
-
-    def update(self, generated: int, estimated: int) -> list[dict]:
-        t = time.monotonic()
-        if self.started is None and generated > 0:
-            self.started, self.first = t, generated
-        percent = min(99, (100 * generated) // max(1, estimated))
-        out = []
-        while self.next_percent <= percent and self.next_percent < 100:
-            eta = None
-            if self.started is not None and generated > self.first:
-                rate = (generated - self.first) / max(1e-6, t - self.started)
-                eta = round((estimated - generated) / rate, 1)
-            out.append({"percent": self.next_percent, "tokens_generated": generated,
-                        "tokens_estimated": estimated, "eta_sec": eta})
-            self.percent = self.next_percent
-            self.next_percent += PROGRESS_STEP
-        return out
 
 
 class Broker:
@@ -315,7 +238,7 @@ class Broker:
                         download_bytes=APPROX_DOWNLOAD_BYTES[s.variant])
 
     async def rpc_status(self, conn: Connection, params: list) -> dict:
-        _one_map(params, set())
+        one_map(params, set())
         running = self.queue.running
         result = {
             "version": lofid.__version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
@@ -332,7 +255,7 @@ class Broker:
         return result
 
     async def rpc_track(self, conn: Connection, params: list) -> dict:
-        arg = _one_map(params, {"track_id"})
+        arg = one_map(params, {"track_id"})
         tid = check_track_id(arg.get("track_id"))
         record = await asyncio.to_thread(self.cache.get, tid)
         if record is not None:
@@ -345,13 +268,13 @@ class Broker:
         raise LofiError(errors.TRACK_NOT_FOUND, f"no track {tid}")
 
     async def rpc_tracks(self, conn: Connection, params: list) -> list:
-        limit = _one_map(params, {"limit"}).get("limit")
+        limit = one_map(params, {"limit"}).get("limit")
         if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
             raise LofiError(errors.INVALID_PARAMS, "limit must be a non-negative integer")
         return await asyncio.to_thread(self.cache.list, limit)
 
     async def rpc_download_model(self, conn: Connection, params: list) -> dict:
-        arg = _one_map(params, {"variant", "force"})
+        arg = one_map(params, {"variant", "force"})
         variant = arg.get("variant") or self.settings.variant
         if variant not in assets.VARIANTS:
             raise LofiError(errors.INVALID_PARAMS, f"variant must be one of {', '.join(assets.VARIANTS)}")
@@ -366,18 +289,18 @@ class Broker:
         return {"ok": True, "repo": assets.REPO, "variant": variant, "state": "downloading"}
 
     async def rpc_subscribe(self, conn: Connection, params: list) -> dict:
-        _one_map(params, set())
+        one_map(params, set())
         self.subscribers.add(conn)
         return {"ok": True}
 
     async def rpc_shutdown(self, conn: Connection, params: list) -> dict:
-        _one_map(params, set())
+        one_map(params, set())
         log.info("shutdown requested by %r", conn)
         asyncio.get_running_loop().call_soon(self.stopping.set)
         return {"ok": True}
 
     async def rpc_track_delete(self, conn: Connection, params: list) -> dict:
-        tid = check_track_id(_one_map(params, {"track_id"}).get("track_id"))
+        tid = check_track_id(one_map(params, {"track_id"}).get("track_id"))
         job = self.queue.find(tid)
         if job is not None:
             state = "running" if job is self.queue.running else "queued"
@@ -388,7 +311,7 @@ class Broker:
         return {"ok": True, "track_id": tid, "bytes_freed": freed}
 
     async def rpc_cache_prune(self, conn: Connection, params: list) -> dict:
-        arg = _one_map(params, {"all", "max_mb"})
+        arg = one_map(params, {"all", "max_mb"})
         everything, max_mb = arg.get("all", False), arg.get("max_mb")
         if not isinstance(everything, bool):
             raise LofiError(errors.INVALID_PARAMS, "all must be true or false")
