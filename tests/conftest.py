@@ -99,6 +99,17 @@ class Daemon:
         return self.log.read_text(errors="replace")
 
 
+def shutdown_daemon_at(sock: Path) -> None:
+    """Ask whatever lofid serves ``sock`` to exit (for daemons a test did not start itself)."""
+    if not Path(sock).exists():
+        return
+    try:
+        with Client(sock, timeout=5) as c:
+            c.call("shutdown")
+    except (OSError, TimeoutError):
+        pass
+
+
 def _pythonpath() -> str:
     parts = [str(ROOT / "tests"), str(ROOT), str(ROOT / "clients" / "cli")]
     if os.environ.get("PYTHONPATH"):

@@ -22,6 +22,13 @@ def gen(c, prompt="lofi", duration=5, seed=1, **kw):
     return c.call("generate", {"prompt": prompt, "duration_sec": duration, "seed": seed, **kw})
 
 
+def failure(c, track_id, timeout=60) -> LofiError:
+    """The error a track ends with (fails the test if it completes)."""
+    with pytest.raises(LofiError) as e:
+        c.wait_track(track_id, timeout=timeout)
+    return e.value
+
+
 def events_of(c, track_id, timeout=60):
     """Every notification of one track up to its complete/error notification."""
     out = []
@@ -249,10 +256,9 @@ def test_worker_sigkill_mid_job_fails_that_job_and_keeps_the_queue(daemon):
         c.notification(20, match=lambda m, p: m == "generation_progress" and p["percent"] >= 10)
         pid = c.call("status")["worker"]["pid"]
         os.kill(pid, signal.SIGKILL)
-        with pytest.raises(LofiError) as e:
-            c.wait_track(doomed["track_id"])
-        assert e.value.code == "MODEL_INFERENCE_FAILED"
-        assert "signal 9" in e.value.message and "out of memory" in e.value.message
+        err = failure(c, doomed["track_id"])
+        assert err.code == "MODEL_INFERENCE_FAILED"
+        assert "signal 9" in err.message and "out of memory" in err.message
         assert c.wait_track(after["track_id"])["status"] == "complete"
         s = c.call("status")
         assert s["worker"]["restarts"] == 1 and s["worker"]["pid"] not in (None, pid)
@@ -260,9 +266,8 @@ def test_worker_sigkill_mid_job_fails_that_job_and_keeps_the_queue(daemon):
         assert [p.name for p in daemon.cache_dir.iterdir() if p.name.startswith(".")] == []
         # a crash that the engine itself causes, at token 30
         crash = gen(c, "self crash@30", seed=3)
-        with pytest.raises(LofiError) as e:
-            c.wait_track(crash["track_id"])
-        assert e.value.code == "MODEL_INFERENCE_FAILED" and "signal 9" in e.value.message
+        err = failure(c, crash["track_id"])
+        assert err.code == "MODEL_INFERENCE_FAILED" and "signal 9" in err.message
         ok = gen(c, "fine again step=0", seed=4)
         assert c.wait_track(ok["track_id"])["status"] == "complete"
         assert c.call("status")["worker"]["restarts"] == 2
@@ -271,13 +276,11 @@ def test_worker_sigkill_mid_job_fails_that_job_and_keeps_the_queue(daemon):
 def test_memory_error_and_nan_become_model_inference_failed(daemon):
     with daemon.client() as c:
         r = gen(c, "oom@20", seed=1)
-        with pytest.raises(LofiError) as e:
-            c.wait_track(r["track_id"])
-        assert e.value.code == "MODEL_INFERENCE_FAILED" and "out of memory" in e.value.message
+        err = failure(c, r["track_id"])
+        assert err.code == "MODEL_INFERENCE_FAILED" and "out of memory" in err.message
         r = gen(c, "nan@20", seed=1)
-        with pytest.raises(LofiError) as e:
-            c.wait_track(r["track_id"])
-        assert e.value.code == "MODEL_INFERENCE_FAILED" and "NaN" in e.value.message
+        err = failure(c, r["track_id"])
+        assert err.code == "MODEL_INFERENCE_FAILED" and "NaN" in err.message
         r = gen(c, "healthy step=0", seed=1)
         assert c.wait_track(r["track_id"])["status"] == "complete"
         assert c.call("status")["worker"]["restarts"] == 0  # no crash: the same worker went on
@@ -288,9 +291,8 @@ def test_hung_worker_is_killed_and_replaced(make_daemon):
     with daemon.client() as c:
         r = gen(c, "hang@10", seed=1)
         nxt = gen(c, "next step=0", seed=2)
-        with pytest.raises(LofiError) as e:
-            c.wait_track(r["track_id"])
-        assert e.value.code == "MODEL_INFERENCE_FAILED" and "stopped responding" in e.value.message
+        err = failure(c, r["track_id"])
+        assert err.code == "MODEL_INFERENCE_FAILED" and "stopped responding" in err.message
         assert c.wait_track(nxt["track_id"])["status"] == "complete"
         assert c.call("status")["worker"]["restarts"] == 1
 

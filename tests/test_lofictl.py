@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SCRIPTED_ENGINE, _pythonpath, make_fake_model
-from lofictl.client import Client
+from conftest import SCRIPTED_ENGINE, _pythonpath, make_fake_model, shutdown_daemon_at
 
 
 @pytest.fixture
@@ -22,13 +21,7 @@ def env(short_tmp):
          "LOFID_CONFIG": str(short_tmp / "config.toml"), "HF_HOME": str(short_tmp / "hf")}
     (short_tmp / "config.toml").write_text("")
     yield e
-    sock = Path(e["LOFID_SOCKET"])
-    if sock.exists():
-        try:
-            with Client(sock, timeout=5) as c:
-                c.call("shutdown")
-        except (OSError, TimeoutError):
-            pass
+    shutdown_daemon_at(Path(e["LOFID_SOCKET"]))
 
 
 def lofictl(env, *args, timeout=60):

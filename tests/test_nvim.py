@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Daemon, make_fake_model
+from conftest import ROOT, Daemon, make_fake_model, shutdown_daemon_at
 from lofictl.client import Client
 
 from lofid import rpc
@@ -238,11 +238,7 @@ def test_auto_start(short_tmp, start_nvim):
         log = nvim.lua("return require('lofi.daemon').log_path()")
         assert "lofid" in Path(log).read_text()  # the daemon's own log went there
     finally:
-        try:
-            with Client(d.socket, timeout=5) as c:
-                c.call("shutdown")
-        except OSError:
-            pass
+        shutdown_daemon_at(d.socket)
     deadline = time.monotonic() + 15
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from conftest import FIXTURE_MODEL, SCRIPTED_ENGINE, _pythonpath, make_fake_model
-from lofictl.client import Client
+from conftest import FIXTURE_MODEL, SCRIPTED_ENGINE, _pythonpath, make_fake_model, shutdown_daemon_at
 
 from lofid.errors import LofiError
 from lofid.worker import assets
@@ -205,13 +204,7 @@ def test_the_player_is_spawned_without_a_shell(short_tmp, tmp_path):
         assert r.returncode == 0, r.stderr
         assert json.loads((tmp_path / "player-argv.json").read_text()) == argv
     finally:
-        sock = short_tmp / "run" / "lofid.sock"
-        if sock.exists():
-            try:
-                with Client(sock, timeout=5) as c:
-                    c.call("shutdown")
-            except (OSError, TimeoutError):
-                pass
+        shutdown_daemon_at(short_tmp / "run" / "lofid.sock")
     for where in (short_tmp, evil, tmp_path, Path.cwd(), Path("/")):
         assert not any(p.name.startswith("PWNED") for p in where.iterdir()), where
 
