@@ -68,7 +68,9 @@ def test_shared_kv_buffers_match_the_exported_graph(variant, form, tmp_path, mon
     cached = list(tmp_path.iterdir())
     again = MusicGen.load(MODEL, variant, threads=1, decoder_form=form)
     assert not plain.decoder.shared and first.decoder.shared and again.decoder.shared
-    assert len(cached) == 1 and list(tmp_path.iterdir()) == cached
+    # one cached graph (and its weights file); the second load only reads them
+    assert len([p for p in cached if p.suffix == ".onnx"]) == 1
+    assert sorted(tmp_path.iterdir()) == sorted(cached)
     for top_k in (250, 1):
         want = plain.generate_codes("rainy night jazz", 90, 7, top_k=top_k)
         for eng in (first, again):

@@ -15,11 +15,14 @@ the next window is primed with the last ``window - stride`` frames and the same 
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import hashlib
 import json
 import logging
 import math
 import os
+import platform
 import re
 import time
 from collections.abc import Callable
@@ -184,6 +187,29 @@ def optimized_dir() -> Path:
     return Path(platformdirs.user_cache_dir("lofid")) / "optimized"
 
 
+def _cpu_signature() -> str:
+    """A short hash of the CPU's architecture and feature flags. The cached decoder keeps
+    onnxruntime's prepacked weights, whose layout depends on the instruction set: a
+    cache written on another CPU (a migrated VM, a copied home) must not be reused."""
+    flags = ""
+    try:
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                      if ln.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:8]
+
+
+def _release_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise: a worker whose
+    first load rewrote the decoder would stay ~0.5 GB larger for its whole life)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass   # not glibc
+
+
 def share_kv_graph(model, heads: int, head_dim: int) -> int:
     """Rewrite ``model`` (onnx ModelProto, split with-past or merged decoder) in place.
 
@@ -209,8 +235,10 @@ def share_kv_graph(model, heads: int, head_dim: int) -> int:
     # protobuf hands out fresh wrappers on each access: hold one list of the nodes so
     # that identities (id()) stay stable while the graph is edited
     nodes = list(target.node)
-    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    consts.update({t.name: numpy_helper.to_array(t) for t in target.initializer})
+    # only the small constants (scalars, shape vectors): converting the weights too would
+    # hold a second copy of the model in memory during the rewrite
+    consts = {t.name: numpy_helper.to_array(t) for g in (graph, target)
+              for t in g.initializer if math.prod(t.dims) <= 64}
     for n in [*graph.node, *nodes] if target is not graph else nodes:
         if n.op_type == "Constant":
             for a in n.attribute:
@@ -379,6 +407,11 @@ class _Decoder:
         self.shared = KV_SEQLENS in self.step_inputs
         self.length = 0
 
+    def release(self) -> None:
+        """Drop the KV buffers and the encoder states between requests (the KV buffers
+        are the largest allocation of a long generation; EnCodec runs after them)."""
+        self.cache, self.hidden, self.mask, self.length = {}, None, None, 0
+
     @staticmethod
     def _present(past_name: str) -> str:
         return past_name.replace("past_key_values.", "present.", 1)
@@ -513,15 +546,18 @@ class MusicGen:
         except Exception as e:
             raise LofiError(MODEL_LOAD_FAILED, f"cannot load {root / TOKENIZER}: {e}; "
                             f"{REPAIR}", file=TOKENIZER) from e
-        opts = session_options(n_threads)
         sessions = {}
-        for role, rel in spec.items():
+        # The decoder first: its load has the largest transient (the file read while
+        # the weights are packed), best passed while nothing else is in memory.
+        for role in sorted(spec, key=lambda r: not r.startswith("decoder")):
+            rel = spec[role]
             step_role = "decoder_with_past" if "decoder_with_past" in spec else "decoder"
             if role == step_role and share_kv and choice.device == "cpu":
                 sessions[role] = cls._shared_kv_session(root, rel, n_threads,
                                                         choice.providers, config)
             if role not in sessions or sessions[role] is None:
-                sessions[role] = cls._session(root, rel, opts, choice.providers)
+                sessions[role] = cls._session(root, rel, cls._options(role, n_threads),
+                                              choice.providers)
         first = sessions["decoder"]
         used = first.get_providers()[0]
         device_used = next((d for d, p in PROVIDER.items() if p == used), "cpu")
@@ -543,26 +579,47 @@ class MusicGen:
                    encodec=sessions["encodec"], device=device_used, threads=n_threads,
                    load_time_sec=time.perf_counter() - start)
 
+    @staticmethod
+    def _options(role: str, threads: int):
+        """Session options per role. The text encoder (a few tokens once per request) and
+        EnCodec (once per request) run without prepacked weights (the packed copy costs
+        ~130 MB and ~50 MB for ~10 ms); EnCodec also without onnxruntime's memory arena:
+        its activations (~0.4 GB for 10 s of audio) go back to the OS after each run
+        instead of staying reserved, and the arena grew again on every request."""
+        opts = session_options(threads)
+        if role in ("text_encoder", "encodec"):
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+        if role == "encodec":
+            opts.enable_cpu_mem_arena = False
+        return opts
+
     @classmethod
     def _shared_kv_session(cls, root: Path, rel: str, threads: int, providers: list[str],
                            config: ModelConfig) -> ort.InferenceSession | None:
         """The ``share_kv_graph`` rewrite of ``rel``, or None where it does not apply.
 
         The first load rewrites the graph (needs the ``onnx`` package) and saves
-        onnxruntime's optimized result under ``optimized_dir()``; later loads open that
-        file directly. The cache name carries the source's path, size and mtime and the
-        onnxruntime version, so a re-downloaded file or another onnxruntime rebuilds it.
+        onnxruntime's optimized result under ``optimized_dir()``: the graph in
+        ``<tag>.onnx``, its weights and onnxruntime's prepacked copies of them in
+        ``<tag>.onnx.<pid>.data``; then it opens that cache like every later load does.
+        onnxruntime maps the data file and uses the prepacked weights from it, so the
+        unpacked originals are not kept in memory (the merged graph kept both: ~0.45 GB
+        more for int8) and the pages are the page cache's, shared and reclaimable.
+        The cache name carries the source's path, size and mtime, the onnxruntime
+        version and the CPU's features, so a re-downloaded file, another onnxruntime
+        or another CPU rebuilds it.
         """
         src = (root / rel).resolve()
         st = src.stat()
         where = hashlib.sha1(str(src).encode()).hexdigest()[:12]
         stem = f"{where}-{rel.replace('/', '__').removesuffix('.onnx')}"
-        tag = f"{stem}.{st.st_size}-{st.st_mtime_ns}.ort{ort.__version__}.kvshare.onnx"
+        tag = (f"{stem}.{st.st_size}-{st.st_mtime_ns}.ort{ort.__version__}-"
+               f"{_cpu_signature()}.kvshare.onnx")
         cache = optimized_dir() / tag
-        opts = session_options(threads)
         if cache.is_file():
             try:
-                return ort.InferenceSession(str(cache), sess_options=opts, providers=providers)
+                return ort.InferenceSession(str(cache), sess_options=session_options(threads),
+                                            providers=providers)
             except Exception as e:   # a damaged cache: rebuild it
                 log.warning("ignoring cached %s: %s", cache, e)
                 cache.unlink(missing_ok=True)
@@ -581,12 +638,22 @@ class MusicGen:
             log.warning("cannot rewrite %s for shared KV buffers (%s): running it as "
                         "exported", rel, e)
             return None
+        _release_heap()
+        opts = session_options(threads)
         tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        weights = cache.with_name(f"{cache.name}.{os.getpid()}.data")
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            for old in cache.parent.glob(f"{stem}.*.kvshare.onnx"):
-                old.unlink(missing_ok=True)
+            for pattern in (f"{stem}.*.kvshare.onnx", f"{stem}.*.kvshare.onnx.*.data"):
+                for old in cache.parent.glob(pattern):
+                    old.unlink(missing_ok=True)
             opts.optimized_model_filepath = str(tmp)
+            for key, value in (
+                    ("session.optimized_model_external_initializers_file_name", weights.name),
+                    ("session.optimized_model_external_initializers_min_size_in_bytes",
+                     "1024"),
+                    ("session.save_external_prepacked_constant_initializers", "1")):
+                opts.add_session_config_entry(key, value)
         except OSError as e:
             log.info("not caching the rewritten %s: %s", rel, e)
         try:
@@ -595,11 +662,23 @@ class MusicGen:
             log.warning("onnxruntime rejects the rewritten %s (%s): running it as "
                         "exported", rel, e)
             tmp.unlink(missing_ok=True)
+            weights.unlink(missing_ok=True)
             return None
-        if tmp.is_file():
-            os.replace(tmp, cache)
+        del data
         log.info("%s: %d self-attention layers on shared KV buffers", rel, layers)
-        return session
+        if not tmp.is_file():
+            return session   # not cached: run this session
+        os.replace(tmp, cache)
+        del session   # the cache opens with less memory than this first session holds
+        _release_heap()
+        try:
+            return ort.InferenceSession(str(cache), sess_options=session_options(threads),
+                                        providers=providers)
+        except Exception as e:
+            log.warning("cannot open the rewritten %s just cached (%s): running it as "
+                        "exported", rel, e)
+            cache.unlink(missing_ok=True)
+            return None
 
     @staticmethod
     def _session(root: Path, rel: str, opts, providers: list[str]) -> ort.InferenceSession:
@@ -648,10 +727,13 @@ class MusicGen:
         estimated = sum(delay.generated_positions(n, k) - p for _, p, n in plans)
         counter = _Counter(estimated, progress)
         codes = np.full((k, frames), delay.UNKNOWN, dtype=np.int64)      # [K, T]
-        for offset, primed, length in plans:
-            prime = codes[:, offset : offset + primed]
-            window = self._window(hidden, mask, prime, length, params, rng, counter)
-            codes[:, offset + primed : offset + length] = window[:, primed:]
+        try:
+            for offset, primed, length in plans:
+                prime = codes[:, offset : offset + primed]
+                window = self._window(hidden, mask, prime, length, params, rng, counter)
+                codes[:, offset + primed : offset + length] = window[:, primed:]
+        finally:
+            self.decoder.release()
         if (codes < 0).any() or counter.done != estimated:
             raise LofiError(MODEL_INFERENCE_FAILED, "generation left frames unfilled")
         return codes
