@@ -68,8 +68,8 @@ def test_shared_kv_buffers_match_the_exported_graph(variant, form, tmp_path, mon
     cached = list(tmp_path.iterdir())
     again = MusicGen.load(MODEL, variant, threads=1, decoder_form=form)
     assert not plain.decoder.shared and first.decoder.shared and again.decoder.shared
-    # one cached graph (and its weights file); the second load only reads them
-    assert len([p for p in cached if p.suffix == ".onnx"]) == 1
+    # one cached rewritten graph (and its weights file); the second load only reads them
+    assert len([p for p in cached if p.name.endswith(".kvshare.onnx")]) == 1
     assert sorted(tmp_path.iterdir()) == sorted(cached)
     for top_k in (250, 1):
         want = plain.generate_codes("rainy night jazz", 90, 7, top_k=top_k)
@@ -324,3 +324,19 @@ def test_unknown_variant():
     with pytest.raises(LofiError) as err:
         MusicGen.load(MODEL, "fp8")
     assert err.value.code == errors.INVALID_PARAMS
+
+
+def test_text_encoder_mapped_per_request_and_kv_buffers_freed(tmp_path, monkeypatch):
+    """On the CPU the text encoder is opened from its cached mapped copy for each request
+    (no resident session), and a generation leaves no KV buffers behind; the codes are
+    those of a resident text encoder."""
+    monkeypatch.setenv("LOFID_OPTIMIZED_DIR", str(tmp_path))
+    mapped = MusicGen.load(MODEL, "fp32", threads=1)
+    assert mapped.text_encoder is None
+    assert any(p.name.endswith(".mapped.onnx") for p in tmp_path.iterdir())
+    monkeypatch.setattr(MusicGen, "_mapped_session", classmethod(lambda cls, *a: None))
+    resident = MusicGen.load(MODEL, "fp32", threads=1)
+    assert resident.text_encoder is not None
+    want = resident.generate_codes("rainy night jazz", 40, 3)
+    np.testing.assert_array_equal(mapped.generate_codes("rainy night jazz", 40, 3), want)
+    assert mapped.decoder.cache == {} and mapped.decoder.length == 0
