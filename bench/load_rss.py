@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -66,6 +67,13 @@ def main() -> None:
         f"VmHWM / VmRSS after request {i + 1}" for i in range(args.requests)) +
         " | peak / files |")
     print("|---|---|---|" + "---|" * args.requests + "---|")
+    try:
+        runs(args, env)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def runs(args, env: dict) -> None:
     for name in ("cold", "warm", "warm"):
         p = subprocess.run([sys.executable, __file__, "--child", "--variant", args.variant,
                             "--seconds", str(args.seconds), "--requests", str(args.requests),
