@@ -386,7 +386,6 @@ def test_slow_loris_trickle_is_cut_at_the_frame_deadline(make_daemon):
     frame = pack([0, 1, "generate", [{"prompt": "slow " * 12}]])  # ~80 bytes: 16 s at this pace
     with daemon.client() as good:
         raw = Raw(daemon.socket)
-        t0 = time.monotonic()
         sent = 0
         try:
             for b in frame:
@@ -397,9 +396,9 @@ def test_slow_loris_trickle_is_cut_at_the_frame_deadline(make_daemon):
                     break
         except (BrokenPipeError, ConnectionResetError):
             pass
-        elapsed = time.monotonic() - t0
-        assert sent < len(frame), "the whole trickled frame was accepted"
-        assert elapsed < 8  # generous: the deadline is 0.5 s
+        # one byte per 0.2 s against a 0.5 s frame deadline: dropped after a few bytes (a deadline
+        # restarted at every read, the old bug, let all ~80 through)
+        assert sent < len(frame) // 2, f"{sent} of {len(frame)} trickled bytes were accepted"
         assert "stalled mid-frame" in daemon.logs()
         # a frame split over two prompt writes is fine
         ok = Raw(daemon.socket)
@@ -409,7 +408,7 @@ def test_slow_loris_trickle_is_cut_at_the_frame_deadline(make_daemon):
         ok.send(f[3:])
         assert ok.response(9)[2] is None
         assert good.call("status")["pid"] == daemon.proc.pid
-    print(f"\ntrickle cut after {sent} of {len(frame)} bytes, {elapsed:.2f} s")
+    print(f"\ntrickle cut after {sent} of {len(frame)} bytes")
 
 
 def test_connection_cap_and_idle_clients(make_daemon):

@@ -239,25 +239,22 @@ class _HashCache:
             pass  # a cache: losing it costs time, not correctness
 
 
-def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def _hash_file(h, path: Path, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                return h.hexdigest()
+        while b := f.read(chunk):
             h.update(b)
+    return h.hexdigest()
 
 
-def _git_blob_sha1(path: Path, chunk: int = 1 << 20) -> str:
+def _sha256_file(path: Path) -> str:
+    return _hash_file(hashlib.sha256(), path)
+
+
+def _git_blob_sha1(path: Path) -> str:
+    """The git blob id the hub gives small (non-LFS) files as their ETag."""
     h = hashlib.sha1()
     h.update(b"blob %d\0" % path.stat().st_size)
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
+    return _hash_file(h, path)
 
 
 # ------------------------------------------------------------------------- remote
