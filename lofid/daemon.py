@@ -80,8 +80,9 @@ async def serve(settings: config.Settings, sock: socket.socket | None = None, so
     await broker.stopping.wait()
     log.info("shutting down")
     systemd.notify("STOPPING=1\nSTATUS=shutting down")
+    server.stop_listening()
+    await broker.stop()  # tells the clients of unfinished jobs, then stops the worker
     await server.close()
-    await broker.stop()
     log.info("bye")
     return 0
 

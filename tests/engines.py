@@ -4,7 +4,7 @@ Directives in the prompt (anything else is plain text):
   step=SECONDS   time per token (default 0.002)
   crash@N        SIGKILL itself at token N        oom@N   raise MemoryError at token N
   hang@N         stop sending anything at token N nan@N   report non-finite logits at token N
-  loadfail       fail to load the model (on the first job only if the prompt asks)
+  noterm@N       ignore SIGTERM from token N on (to reach the SIGKILL rung of the stop ladder)
   alloc=MB       really allocate (and touch) MB megabytes at token 1, so a worker_memory_mb
                  address-space limit makes a genuine numpy allocation fail (MemoryError)
   fsize=BYTES    set RLIMIT_FSIZE to BYTES before returning the audio, so the worker's WAV
@@ -64,6 +64,8 @@ class ScriptedEngine:
                 raise MemoryError()
             if i == int(directives.get("nan", -1)):
                 raise LofiError(errors.MODEL_INFERENCE_FAILED, "the decoder produced NaN/inf logits")
+            if i == int(directives.get("noterm", -1)):
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
             if i == int(directives.get("hang", -1)):
                 time.sleep(3600)
             if i == 1 and "alloc" in directives:

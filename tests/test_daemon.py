@@ -340,6 +340,37 @@ def test_shutdown_finishes_and_exits_zero(daemon):
     assert not os.path.exists(f"/proc/{worker}") or "zombie" in open(f"/proc/{worker}/status").read().lower()
 
 
+@pytest.mark.parametrize(("prompt", "rung"), [
+    ("mid-generation step=0.05", "terminated"),  # the polite stop waits behind the job: SIGTERM
+    ("deaf to SIGTERM step=0.05 noterm@1", "killed"),  # then SIGKILL
+])
+def test_shutdown_ladder_while_generating(make_daemon, prompt, rung):
+    daemon = make_daemon()
+    with daemon.client() as c:
+        r = gen(c, prompt, seed=1)
+        c.notification(20, match=lambda m, p: m == "generation_progress" and p["percent"] >= 5)
+        queued = gen(c, "never started", seed=2)
+        worker = c.call("status")["worker"]["pid"]
+        c.call("shutdown")
+        # both clients of unfinished work are told before the connection closes
+        running_err = failure(c, r["track_id"])
+        assert running_err.code == "INTERNAL" and "not resumed" in running_err.message
+        assert failure(c, queued["track_id"]).code == "INTERNAL"
+    assert daemon.proc.wait(30) == 0
+    assert f"worker stopped ({rung})" in daemon.logs()
+    assert not os.path.exists(f"/proc/{worker}")
+    assert not (daemon.cache_dir / f"{r['track_id']}.wav").exists()
+    assert [p.name for p in daemon.cache_dir.iterdir() if p.name.startswith(".")] == []
+
+
+def test_shutdown_between_jobs_only_asks(daemon):
+    with daemon.client() as c:
+        c.wait_track(gen(c, "done step=0", seed=1)["track_id"])
+        c.call("shutdown")
+    assert daemon.proc.wait(30) == 0
+    assert "worker stopped (asked)" in daemon.logs()
+
+
 def test_restart_cleans_temp_files_and_does_not_resume(make_daemon):
     daemon = make_daemon()
     with daemon.client() as c:

@@ -49,6 +49,7 @@ class Broker:
         self.download_variant: tuple[str, bool] | None = None  # requested (variant, force)
         self.downloading = False
         self.stopping = asyncio.Event()
+        self.closing = False  # set once shutdown began: no new jobs
         self._wake = asyncio.Event()
         self._locating: asyncio.Task | None = None
         self._idle_watch: asyncio.Task | None = None
@@ -80,9 +81,15 @@ class Broker:
         return self.location
 
     async def stop(self) -> None:
+        """Fail the running and queued jobs (they are not resumed), then stop the worker."""
+        self.closing = True
+        running = self.queue.running
         self._runner.cancel()
         if self._idle_watch is not None:
             self._idle_watch.cancel()
+        if running is not None:
+            self.fail(running, LofiError(errors.INTERNAL, "the daemon shut down during this generation; "
+                                         "it is not resumed: ask again"))
         for job in self.queue.drain():
             self.fail(job, LofiError(errors.INTERNAL, "the daemon shut down before this track was generated"))
         await self.supervisor.stop()
@@ -201,6 +208,8 @@ class Broker:
 
     async def rpc_generate(self, conn: Connection, params: list) -> dict:
         req = parse_generate(params)
+        if self.closing or self.stopping.is_set():
+            raise LofiError(errors.INTERNAL, "the daemon is shutting down; ask again when it is back")
         loc = await self.model_location()
         tid = track_id(req["prompt"], req["seed"], req["duration_sec"], loc.model_version)
         record = await asyncio.to_thread(self.cache.get, tid)

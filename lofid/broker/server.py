@@ -123,9 +123,14 @@ class Server:
         sock.listen(64)
         return sock
 
-    async def close(self) -> None:
+    def stop_listening(self) -> None:
+        """Accept no new clients; the connected ones stay until ``close``."""
         if self._server is not None:
             self._server.close()
+
+    async def close(self) -> None:
+        """Close every connection (what was sent to it is flushed first) and the socket."""
+        self.stop_listening()
         for conn in list(self.connections):
             try:
                 conn.writer.close()
