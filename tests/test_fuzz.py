@@ -425,7 +425,10 @@ def test_connection_cap_and_idle_clients(make_daemon):
         s.settimeout(10)
         assert msgpack.unpackb(s.recv(65536), raw=False)[2] is None
         extra = Raw(daemon.socket)
-        extra.send_obj([0, 1, "status", []])
+        try:
+            extra.send_obj([0, 1, "status", []])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed even before the request went out: what this checks
         assert extra.closed(timeout=5)
         conns.pop(0).close()
         time.sleep(0.2)
