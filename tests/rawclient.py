@@ -16,10 +16,17 @@ class Raw:
         self.unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
 
     def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        """Send; if the daemon already closed the connection (as it may, mid-send, for an
+        oversized or bad frame), remember it for ``closed`` instead of raising."""
+        try:
+            self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            self.peer_closed = True
 
     def send_obj(self, obj) -> None:
-        self.sock.sendall(msgpack.packb(obj, use_bin_type=True))
+        self.send(msgpack.packb(obj, use_bin_type=True))
+
+    peer_closed = False
 
     def recv_obj(self, timeout: float = 10.0):
         """The next decoded value; None when the daemon closed the connection."""
@@ -42,6 +49,8 @@ class Raw:
 
     def closed(self, timeout: float = 5.0) -> bool:
         """True if the daemon closes this connection within ``timeout``."""
+        if self.peer_closed:
+            return True
         try:
             while self.recv_obj(timeout) is not None:
                 pass
