@@ -107,7 +107,7 @@ class Settings:
     state_dir: Path = _setting(None, _path, "state directory (lock file, consent)")
     model_dir: Path | None = _setting(None, _opt(_path), "local model folder in the hub layout; never downloaded to")
     variant: str = _setting(None, _choice(VARIANTS), "model variant: fp32, fp16 or int8 (default: int8 on the "
-                            "CPU, fp16 with --device cuda or metal)")
+                            "CPU, fp16 on a GPU)")
     device: str = _setting("auto", _choice(DEVICES), "device: auto, cpu, cuda or metal")
     threads: int | None = _setting(None, _opt(_int(1, 256)), "CPU threads for inference (default: auto)")
     allow_download: bool = _setting(False, _bool, "download missing model files without asking")
@@ -146,7 +146,13 @@ def _convert(key: str, value: Any, source: str) -> Any:
 
 def default_variant(device: str) -> str:
     """int8 on the CPU: measured 2.5x faster than fp16 and 3x faster than fp32 there, with the
-    least memory (bench/RESULTS.md); onnxruntime has no fp16 CPU kernels. fp16 on a GPU."""
+    least memory (bench/RESULTS.md); onnxruntime has no fp16 CPU kernels. fp16 on a GPU: its
+    CUDA provider runs int8's quantized MatMuls on the CPU (seen on an H200). ``auto``
+    takes the variant of the device it will most likely resolve to."""
+    if device == "auto":
+        from lofid.worker.device import likely_auto_device
+
+        device = likely_auto_device()
     return "fp16" if device in ("cuda", "metal") else "int8"
 
 

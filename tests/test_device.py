@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnxruntime as ort
 import pytest
 
-from lofid import errors
+from lofid import config, errors
 from lofid.errors import LofiError
 from lofid.worker import device
 from lofid.worker.device import select
@@ -71,3 +71,35 @@ def test_threads():
     with pytest.raises(ValueError):
         device.resolve_threads(0)
     assert device.session_options(2).intra_op_num_threads == 2
+
+
+def test_session_providers_carry_the_cuda_options():
+    """fp32 stays fp32 on CUDA (no TF32); the CPU provider takes no options."""
+    assert select("cuda", [CUDA, CPU]).session_providers == [(CUDA, {"use_tf32": "0"}), CPU]
+    assert select("cpu", [CUDA, CPU]).session_providers == [CPU]
+    assert select("metal", [COREML, CPU]).session_providers == [COREML, CPU]
+
+
+def _install_fake_distribution(path, name: str) -> None:
+    info = path / f"{name.replace('-', '_')}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+
+
+def test_auto_guesses_cuda_where_the_gpu_build_is_installed(tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.platform", "linux")
+    assert device.likely_auto_device() == "cpu"
+    assert config.default_variant("auto") == "int8"
+    _install_fake_distribution(tmp_path, "onnxruntime-gpu")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert device.likely_auto_device() == "cuda"
+    assert config.default_variant("auto") == "fp16"
+    assert config.load({}, environ={}).variant == "fp16"
+    assert config.load({"device": "cpu"}, environ={}).variant == "int8"
+
+
+def test_auto_guesses_metal_on_apple_silicon(monkeypatch):
+    monkeypatch.setattr("sys.platform", "darwin")
+    monkeypatch.setattr("platform.machine", lambda: "arm64")
+    assert device.likely_auto_device() == "metal"
+    assert config.default_variant("auto") == "fp16"

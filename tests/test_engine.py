@@ -340,3 +340,61 @@ def test_text_encoder_mapped_per_request_and_kv_buffers_freed(tmp_path, monkeypa
     want = resident.generate_codes("rainy night jazz", 40, 3)
     np.testing.assert_array_equal(mapped.generate_codes("rainy night jazz", 40, 3), want)
     assert mapped.decoder.cache == {} and mapped.decoder.length == 0
+
+
+def _length_arithmetic_graph():
+    """EnCodec's padding arithmetic as the fp16 export has it: an int64 length cast to
+    float16, divided, rounded up, cast back."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Cast", ["length"], ["f"], to=TensorProto.FLOAT16),
+             helper.make_node("Constant", [], ["two"], value=onnx.numpy_helper.from_array(
+                 np.array(2.0, np.float16), "two")),
+             helper.make_node("Div", ["f", "two"], ["half"]),
+             helper.make_node("Ceil", ["half"], ["up"]),
+             helper.make_node("Cast", ["up"], ["frames"], to=TensorProto.INT64)]
+    graph = helper.make_graph(
+        nodes, "length", [helper.make_tensor_value_info("length", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("frames", TensorProto.INT64, [])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_upcast_fixes_fp16_length_arithmetic():
+    """float16 ends at 65504: 5 s of 32 kHz audio (160 000 samples) overflows it, which
+    broke the fp16 EnCodec on CUDA. The upcast graph computes the length exactly."""
+    from onnx.reference import ReferenceEvaluator
+
+    from lofid.worker.upcast import upcast_fp16
+
+    model = _length_arithmetic_graph()
+    length = np.array(160_001, np.int64)
+    with np.errstate(all="ignore"):
+        (wrong,) = ReferenceEvaluator(model).run(None, {"length": length})
+    assert wrong != 80_001                                   # fp16: inf, cast to garbage
+    assert upcast_fp16(model) == 2                           # the Cast and the constant
+    (right,) = ReferenceEvaluator(model).run(None, {"length": length})
+    assert right == 80_001
+    sess = __import__("onnxruntime").InferenceSession(model.SerializeToString(),
+                                                      providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"length": length})[0] == 80_001
+
+
+def test_fp16_variant_runs_encodec_upcast_to_fp32(engines):
+    import onnx
+
+    m = engines["fp16"]
+    assert m.encodec.get_outputs()[0].type == "tensor(float)"
+    from lofid.worker.upcast import upcast_fp16
+
+    model = onnx.load(str(MODEL / "small_fp16" / "encodec_decode.onnx"))
+    assert upcast_fp16(model) > 0 and upcast_fp16(model) == 0   # nothing left to upcast
+    g = model.graph
+    assert all(t.data_type != onnx.TensorProto.FLOAT16 for t in g.initializer)
+    assert all(v.type.tensor_type.elem_type != onnx.TensorProto.FLOAT16
+               for v in (*g.input, *g.output, *g.value_info))
+    codes = np.random.default_rng(0).integers(0, 2048, (4, 250))
+    fp32 = MusicGen.load(MODEL, "fp32", threads=1)
+    np.testing.assert_allclose(m.decode_audio(codes), fp32.decode_audio(codes), rtol=0, atol=1e-3)
+    audio = m.generate("warm lofi piano", 5.0, seed=5)
+    assert audio.shape == (250 * 640,) and np.isfinite(audio).all()

@@ -29,10 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_test_model import GUIDANCE, SEED, build_tokenizer, export  # noqa: E402
-from transformers import (  # noqa: E402
+from transformers import (
     EncodecConfig,
     MusicgenConfig,
     MusicgenDecoderConfig,
@@ -41,7 +38,9 @@ from transformers import (  # noqa: E402
 )
 
 
-def build_model() -> MusicgenForConditionalGeneration:
+def build_model(seed: int, guidance: float) -> MusicgenForConditionalGeneration:
+    """The random full-size model (also built on the GPU machine by bench/gpu_check.py,
+    which has torch and transformers but not optimum)."""
     text = T5Config(  # t5-base
         vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12,
         relative_attention_num_buckets=32, relative_attention_max_distance=128,
@@ -61,8 +60,10 @@ def build_model() -> MusicgenForConditionalGeneration:
         pad_token_id=2048, bos_token_id=2048, dropout=0.0, scale_embedding=False,
         activation_function="gelu",
     )
-    config = MusicgenConfig.from_sub_models_config(text, audio, decoder)
-    torch.manual_seed(SEED)
+    # the constructor form works on transformers 4.x and 5.x (5.x dropped from_sub_models_config)
+    config = MusicgenConfig(text_encoder=text.to_dict(), audio_encoder=audio.to_dict(),
+                            decoder=decoder.to_dict())
+    torch.manual_seed(seed)
     model = MusicgenForConditionalGeneration(config).eval()
     with torch.no_grad():
         # transformers zero-initialises EnCodec's codebooks: give them values so the
@@ -70,7 +71,7 @@ def build_model() -> MusicgenForConditionalGeneration:
         for layer in model.audio_encoder.quantizer.layers:
             layer.codebook.embed.normal_(0.0, 1.0)
     gen = model.generation_config
-    gen.guidance_scale = GUIDANCE
+    gen.guidance_scale = guidance
     gen.top_k = 250
     gen.do_sample = True
     gen.max_length = 1500
@@ -84,6 +85,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/lofid-full"))
     args = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from make_test_model import GUIDANCE, SEED, build_tokenizer, export
+
     t0 = time.time()
     model_dir = args.out / "music_gen"
     if model_dir.exists():
@@ -91,7 +95,7 @@ def main() -> None:
     (model_dir / "small").mkdir(parents=True)
     tok = build_tokenizer()
     tok.save(str(model_dir / "small" / "tokenizer.json"))
-    model = build_model()
+    model = build_model(SEED, GUIDANCE)
     n = sum(p.numel() for p in model.decoder.parameters())
     print(f"decoder parameters: {n / 1e6:.1f} M", flush=True)
     model.config.to_json_file(str(model_dir / "small" / "config.json"), use_diff=False)

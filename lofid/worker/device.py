@@ -25,10 +25,22 @@ INSTALL_HINT = {
 }
 
 
+# fp32 means fp32 on a GPU too: TF32 matmuls (onnxruntime's CUDA default) moved the tiny
+# model's audio by 4.5e-4 and its greedy codes from frame 44 on an H200 (bench/RESULTS.md).
+PROVIDER_OPTIONS = {"cuda": {"use_tf32": "0"}}
+
+
 @dataclass(frozen=True)
 class DeviceChoice:
     device: str               # cpu / cuda / metal
     providers: list[str]      # for InferenceSession, the CPU provider always last
+
+    @property
+    def session_providers(self) -> list:
+        """``providers`` with their options, as InferenceSession takes them."""
+        options = PROVIDER_OPTIONS.get(self.device)
+        first = (self.providers[0], options) if options else self.providers[0]
+        return [first, *self.providers[1:]]
 
 
 def select(requested: str, available: Sequence[str]) -> DeviceChoice:
@@ -57,6 +69,26 @@ def select(requested: str, available: Sequence[str]) -> DeviceChoice:
     return DeviceChoice(device=device, providers=[*providers, CPU])
 
 
+def likely_auto_device() -> str:
+    """What ``select("auto", ...)`` will pick on this machine, told without importing
+    onnxruntime (the broker never does, and it picks the default variant): ``cuda``
+    where the onnxruntime-gpu build is installed, ``metal`` on Apple silicon (the
+    standard macOS wheel has CoreML), else ``cpu``. Where the guess is wrong (a GPU
+    build with no usable CUDA), the worker runs the guessed variant on the CPU."""
+    import importlib.metadata
+    import platform
+    import sys
+
+    try:
+        importlib.metadata.distribution("onnxruntime-gpu")
+        return "cuda"
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return "metal"
+    return "cpu"
+
+
 def resolve_threads(threads: int | None) -> int:
     """Intra-op threads: the given count, or every CPU this process may run on."""
     if threads is not None:
@@ -79,4 +111,7 @@ def session_options(threads: int):
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3   # errors only; ORT warnings are noise for users
+    # same seed, same audio on a GPU too: deterministic kernels and cuDNN algorithms
+    # (without it an H200 gave two different fp16 tracks for one seed)
+    opts.use_deterministic_compute = True
     return opts

@@ -562,17 +562,23 @@ class MusicGen:
             step_role = "decoder_with_past" if "decoder_with_past" in spec else "decoder"
             if role == step_role and share_kv and choice.device == "cpu":
                 sessions[role] = cls._shared_kv_session(root, rel, n_threads,
-                                                        choice.providers, config)
+                                                        choice.session_providers, config)
             if role == "text_encoder" and choice.device == "cpu":
                 sessions[role] = cls._mapped_session(root, rel, cls._options(role, n_threads),
-                                                     choice.providers)
+                                                     choice.session_providers)
+            if role == "encodec" and variant == "fp16":
+                sessions[role] = cls._upcast_session(root, rel, cls._options(role, n_threads),
+                                                     choice.session_providers)
             if role not in sessions or sessions[role] is None:
                 sessions[role] = cls._session(root, rel, cls._options(role, n_threads),
-                                              choice.providers)
+                                              choice.session_providers)
         first = sessions["decoder"]
         used = first.get_providers()[0]
         device_used = next((d for d, p in PROVIDER.items() if p == used), "cpu")
-        if (device or "auto").lower() != "auto" and device_used != choice.device:
+        if (device or "auto").lower() == "auto" and device_used != choice.device:
+            log.warning("onnxruntime could not start %s (%s): running on the CPU",
+                        PROVIDER[choice.device], INSTALL_HINT.get(choice.device, ""))
+        elif device_used != choice.device:
             # onnxruntime falls back to the CPU when a provider's libraries fail to load
             raise LofiError(MODEL_LOAD_FAILED, f"onnxruntime could not start {used!r} for "
                             f"device {choice.device!r} (it fell back to {used}); "
@@ -752,6 +758,32 @@ class MusicGen:
             log.warning("cannot open the rewritten %s just cached (%s): running it as "
                         "exported", rel, e)
             cache.unlink(missing_ok=True)
+            return None
+
+    @classmethod
+    def _upcast_session(cls, root: Path, rel: str, opts, providers: list
+                        ) -> ort.InferenceSession | None:
+        """``rel`` (an fp16 graph) upcast to fp32 in memory (upcast.py says why): ~0.5 s
+        for the full-size EnCodec. None where the onnx package is missing (the caller
+        loads the file as it is)."""
+        try:
+            import onnx
+
+            from lofid.worker.upcast import upcast_fp16
+        except ImportError:
+            log.info("the onnx package is not installed: running %s in fp16", rel)
+            return None
+        try:
+            model = onnx.load(str(root / rel))
+        except Exception:
+            return cls._session(root, rel, opts, providers)   # its load error says what is wrong
+        upcast_fp16(model)
+        data = model.SerializeToString()
+        del model
+        try:
+            return ort.InferenceSession(data, sess_options=opts, providers=providers)
+        except Exception as e:
+            log.warning("onnxruntime rejects %s upcast to fp32 (%s): running it in fp16", rel, e)
             return None
 
     @staticmethod
