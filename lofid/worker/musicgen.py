@@ -63,6 +63,8 @@ REPAIR = "run `lofictl models download --force` to fetch it again"
 WINDOW_SEC = 30.0    # MusicGen was trained on 30 s
 STRIDE_SEC = 18.0    # audiocraft's extend_stride: the next window keeps the last 12 s
 MIN_DECODE_FRAMES = 8
+ENCODEC_CHUNK_SEC = 10.0     # decode_audio: EnCodec runs on at most this much audio at once
+ENCODEC_OVERLAP_SEC = 1.0    # ... plus this much context on either side, crossfaded
 _PAST = re.compile(r"past_key_values\.(\d+)\.(decoder|encoder)\.(key|value)$")
 _NP_TYPE = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -522,6 +524,9 @@ class MusicGen:
         self.window_frames = min(round(WINDOW_SEC * self.frame_rate),
                                  config.max_positions - config.num_codebooks)
         self.stride_frames = min(round(STRIDE_SEC * self.frame_rate), self.window_frames - 1)
+        # EnCodec in chunks past 10 s (decode_audio); settable like the windows
+        self.encodec_chunk_frames = round(ENCODEC_CHUNK_SEC * self.frame_rate)
+        self.encodec_overlap_frames = round(ENCODEC_OVERLAP_SEC * self.frame_rate)
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -879,9 +884,37 @@ class MusicGen:
     def decode_audio(self, codes: np.ndarray) -> np.ndarray:
         """``[K, T]`` codes -> float32 mono ``[T * hop]`` through EnCodec.
 
-        EnCodec's reflect padding needs a few frames: a shorter sequence is extended by
-        repeating its last frame, and the extra samples are cut off again.
+        Up to ``encodec_chunk_frames`` frames decode in one run. Longer sequences decode
+        in chunks of that many frames, each with ``encodec_overlap_frames`` of context
+        on either side, joined by a linear crossfade across the shared context: EnCodec's
+        activations grow with the audio (~0.45 GB for 10 s, ~1.2 GB for 30 s, ~4.8 GB
+        for 120 s in one run) and are the peak of a long request, while the chunks' join
+        moves the audio by little (bench/RESULTS.md).
         """
+        frames, chunk = codes.shape[-1], self.encodec_chunk_frames
+        if frames <= chunk:
+            return self._decode_run(codes)
+        hop, ov = self.hop_length, self.encodec_overlap_frames
+        out = np.zeros(frames * hop, np.float32)
+        fade = None
+        for start in range(0, frames, chunk):
+            lo, hi = max(0, start - ov), min(frames, start + chunk + ov)
+            piece = self._decode_run(codes[:, lo:hi])
+            if start == 0:
+                out[:hi * hop] = piece
+                continue
+            # [lo, start + ov) is shared with the previous piece: fade from it to this one
+            shared = (min(start + ov, hi) - lo) * hop
+            if fade is None or fade.size != shared:
+                fade = (np.arange(shared, dtype=np.float32) + 0.5) / shared
+            a = lo * hop
+            out[a:a + shared] = out[a:a + shared] * (1 - fade) + piece[:shared] * fade
+            out[a + shared:hi * hop] = piece[shared:]
+        return out
+
+    def _decode_run(self, codes: np.ndarray) -> np.ndarray:
+        """One EnCodec run. Its reflect padding needs a few frames: a shorter sequence
+        is extended by repeating its last frame, and the extra samples are cut off."""
         short = MIN_DECODE_FRAMES - codes.shape[-1]
         padded = np.pad(codes, ((0, 0), (0, short)), mode="edge") if short > 0 else codes
         (audio,) = _run(self.encodec, ["audio_values"], {"audio_codes": padded[None, None]},
