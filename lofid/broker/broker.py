@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
 MB = 1_000_000  # cache_max_mb is in MB, as lofictl prints sizes
 # Download sizes of the hub's variants, for the consent question (no network needed to ask it).
-APPROX_DOWNLOAD_BYTES = {"fp32": 2_250_000_000, "fp16": 1_870_000_000, "int8": 1_000_000_000}
+APPROX_DOWNLOAD_BYTES = {"fp32": 2_250_000_000, "fp16": 1_870_000_000, "int8": 1_000_000_000,
+                         "int4": 1_000_000_000}
 
 
 class Broker:
@@ -164,7 +165,8 @@ class Broker:
     def on_worker_event(self, ev: dict, job: Job | None, waiters: set | None = None) -> None:
         kind = ev.pop("ev")
         if kind == "progress" and job is not None and self.progress is not None:
-            for step in self.progress.update(ev["tokens_generated"], ev["tokens_estimated"]):
+            for step in self.progress.update(ev["tokens_generated"], ev["tokens_estimated"],
+                                             bool(ev.get("decoded"))):
                 self.fan_out(job, "generation_progress", {"track_id": job.track_id, **step})
                 self.set_status(self._generating_status())
         elif kind == "model":

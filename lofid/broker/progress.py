@@ -5,6 +5,10 @@ from __future__ import annotations
 import time
 
 PROGRESS_STEP = 5
+# After the last token EnCodec turns the codes into audio and the WAV is written: ~8 % of a
+# request's time, on the CPU and on an H200 alike (bench/RESULTS.md). The tokens fill the
+# first 92 %; the rest goes out when the worker says the audio is decoded.
+TAIL_SHARE = 0.08
 
 
 class Progress:
@@ -15,11 +19,13 @@ class Progress:
         self.percent = 0
         self.started: float | None = None  # time of the first token
 
-    def update(self, generated: int, estimated: int) -> list[dict]:
+    def update(self, generated: int, estimated: int, decoded: bool = False) -> list[dict]:
+        """``decoded``: the audio is decoded too (only the WAV write is left)."""
         t = time.monotonic()
         if self.started is None and generated > 0:
             self.started, self.first = t, generated
-        percent = min(99, (100 * generated) // max(1, estimated))
+        share = 1.0 if decoded else (1 - TAIL_SHARE) * generated / max(1, estimated)
+        percent = min(99, int(100 * share))
         out = []
         while self.next_percent <= percent and self.next_percent < 100:
             eta = None

@@ -2,7 +2,8 @@
 
 Requests (dicts): ``{"op": "generate", "job": {...}}``, ``{"op": "download",
 "variant", "force"}``, ``{"op": "stop"}``. Every request is answered by any number of
-events (``progress``, ``model``, ``download_progress``) and then exactly one
+events (``progress``; one more ``progress`` with ``decoded: true`` once the audio is
+decoded; ``model``, ``download_progress``) and then exactly one
 ``{"ev": "done", "result"}`` or ``{"ev": "error", "error": {code, message, ...}}``.
 
 The worker exits when the broker's end of the pipe closes or the broker dies, so a
@@ -138,13 +139,18 @@ class Worker:
         tid = job["track_id"]
         started = time.monotonic()
 
+        counts = [0, 0]
+
         def progress(done: int, total: int) -> None:
+            counts[:] = [int(done), int(total)]
             self.send({"ev": "progress", "track_id": tid, "tokens_generated": int(done),
                        "tokens_estimated": int(total)})
 
         audio = self.engine.generate(job["prompt"], job["duration_sec"], job["seed"], top_k=s.top_k,
                                      temperature=s.temperature, guidance_scale=s.guidance_scale,
                                      progress=progress)
+        self.send({"ev": "progress", "track_id": tid, "tokens_generated": counts[0],
+                   "tokens_estimated": counts[1], "decoded": True})
         final = Path(s.cache_dir) / f"{tid}.wav"
         self._writing = True
         try:
