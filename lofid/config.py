@@ -18,7 +18,7 @@ from typing import Any
 
 from lofid import paths
 
-VARIANTS = ("fp32", "fp16", "int8")
+VARIANTS = ("fp32", "fp16", "int8", "int4")
 DEVICES = ("auto", "cpu", "cuda", "metal")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -106,7 +106,7 @@ class Settings:
     cache_dir: Path = _setting(None, _path, "track cache directory")
     state_dir: Path = _setting(None, _path, "state directory (lock file, consent)")
     model_dir: Path | None = _setting(None, _opt(_path), "local model folder in the hub layout; never downloaded to")
-    variant: str = _setting(None, _choice(VARIANTS), "model variant: fp32, fp16 or int8 (default: int8 on the "
+    variant: str = _setting(None, _choice(VARIANTS), "model variant: fp32, fp16, int8 or int4 (default: int8 on the "
                             "CPU, fp16 on a GPU)")
     device: str = _setting("auto", _choice(DEVICES), "device: auto, cpu, cuda or metal")
     threads: int | None = _setting(None, _opt(_int(1, 256)), "CPU threads for inference (default: auto)")

@@ -113,7 +113,8 @@ def snapshot_files(home: Path) -> list[Path]:
 
 
 def test_variant_files():
-    assert assets.VARIANTS == ("fp32", "fp16", "int8")
+    assert assets.VARIANTS == ("fp32", "fp16", "int8", "int4")
+    assert assets.variant_files("int4") == assets.variant_files("int8")   # made from int8
     for v in assets.VARIANTS:
         files = assets.variant_files(v)
         assert files[:2] == ["small/config.json", "small/tokenizer.json"]

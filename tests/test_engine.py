@@ -419,3 +419,29 @@ def test_long_audio_decodes_in_chunks_close_to_one_run():
     err = chunked - whole
     assert 0 < np.abs(err).max() < 1e-3
     assert 10 * np.log10((whole ** 2).mean() / (err ** 2).mean()) > 80
+
+
+def test_int4_variant_is_the_int8_files_on_4bit_blocks(tmp_path, monkeypatch):
+    """int4 loads the int8 files, rewrites their MatMuls onto MatMulNBits (nbits.py) and
+    its attention onto the shared KV buffers, caches that once, and runs on the CPU only."""
+    import onnx
+
+    monkeypatch.setenv("LOFID_OPTIMIZED_DIR", str(tmp_path))
+    m = MusicGen.load(MODEL, "int4", threads=1)
+    assert (m.variant, m.device) == ("int4", "cpu") and m.decoder.shared
+    graphs = [p for p in tmp_path.iterdir() if p.name.endswith(".int4b128-kvshare.onnx")]
+    assert len(graphs) == 1
+    ops = {n.op_type for g in (onnx.load(str(graphs[0]), load_external_data=False).graph,)
+           for n in g.node}
+    ops |= {x.op_type for n in onnx.load(str(graphs[0]), load_external_data=False).graph.node
+            for a in n.attribute if a.type == onnx.AttributeProto.GRAPH for x in a.g.node}
+    assert "MatMulNBits" in ops and "DynamicQuantizeMatMul" not in ops
+    before = sorted(tmp_path.iterdir())
+    again = MusicGen.load(MODEL, "int4", threads=1)
+    assert sorted(tmp_path.iterdir()) == before                     # read from the cache
+    a = m.generate("warm lofi piano", 2.0, seed=5)
+    assert np.array_equal(a, again.generate("warm lofi piano", 2.0, seed=5))
+    assert a.shape == (100 * 640,) and np.isfinite(a).all() and a.std() > 0
+    with pytest.raises(LofiError) as err:
+        MusicGen.load(MODEL, "int4", device="cuda")
+    assert err.value.code == errors.MODEL_LOAD_FAILED and "CPU only" in err.value.message

@@ -31,7 +31,7 @@ def sha(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-@pytest.mark.parametrize("variant", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("variant", ["fp32", "fp16", "int8", "int4"])
 def test_playable_wav_with_progress(make_daemon, variant):
     daemon = real_daemon(make_daemon, variant=variant, threads=1)
     with daemon.client() as c:

@@ -42,7 +42,7 @@ from lofid.errors import (
 
 REPO = "gabotechs/music_gen"
 REVISION = "main"
-VARIANTS = ("fp32", "fp16", "int8")
+VARIANTS = ("fp32", "fp16", "int8", "int4")
 
 _COMMON = ["small/config.json", "small/tokenizer.json"]
 _FILES = {
@@ -66,6 +66,9 @@ _FILES = {
         "small_fp32/encodec_decode.onnx",
     ],
 }
+
+# int4 is made on this machine from the int8 files (lofid/worker/nbits.py)
+_FILES["int4"] = _FILES["int8"]
 
 CONSENT_FILE = "download-consent.json"
 HASH_CACHE_FILE = "model-hashes.json"

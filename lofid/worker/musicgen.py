@@ -56,9 +56,13 @@ VARIANT_DIRS: dict[str, tuple[str, str, str]] = {
     "fp32": ("small_fp32", "small_fp32", "small_fp32"),
     "fp16": ("small_fp16", "small_fp16", "small_fp16"),
     "int8": ("small_fp32", "small_i8", "small_fp32"),
+    "int4": ("small_fp32", "small_i8", "small_fp32"),
 }
+# int4 is made here from the int8 files: their MatMuls requantized to 4-bit blocks (nbits.py)
+NBITS = {"int4": 4}
+NBITS_BLOCK = 128
 # The hub's small_fp16/ has no merged decoder, so fp16 uses the split pair.
-DEFAULT_DECODER_FORM = {"fp32": "merged", "fp16": "split", "int8": "merged"}
+DEFAULT_DECODER_FORM = {"fp32": "merged", "fp16": "split", "int8": "merged", "int4": "merged"}
 REPAIR = "run `lofictl models download --force` to fetch it again"
 WINDOW_SEC = 30.0    # MusicGen was trained on 30 s
 STRIDE_SEC = 18.0    # audiocraft's extend_stride: the next window keeps the last 12 s
@@ -551,6 +555,13 @@ class MusicGen:
             raise LofiError(MODEL_NOT_FOUND, f"model files missing under {root}: "
                             f"{', '.join(missing)}", missing=missing, variant=variant,
                             root=str(root))
+        nbits = NBITS.get(variant)
+        if nbits:   # a CPU format: auto means the CPU, a GPU is refused
+            if (device or "auto").lower() not in ("auto", "cpu"):
+                raise LofiError(MODEL_LOAD_FAILED, f"the {variant} variant runs on the CPU "
+                                f"only; use fp16 on {device}, or --device cpu",
+                                variant=variant, device=device)
+            device = "cpu"
         choice = select(device, ort.get_available_providers())
         n_threads = resolve_threads(threads)
         config = ModelConfig.from_file(root / CONFIG)
@@ -565,9 +576,10 @@ class MusicGen:
         for role in sorted(spec, key=lambda r: not r.startswith("decoder")):
             rel = spec[role]
             step_role = "decoder_with_past" if "decoder_with_past" in spec else "decoder"
-            if role == step_role and share_kv and choice.device == "cpu":
-                sessions[role] = cls._shared_kv_session(root, rel, n_threads,
-                                                        choice.session_providers, config)
+            if role == step_role and (share_kv or nbits) and choice.device == "cpu":
+                sessions[role] = cls._rewritten_session(root, rel, n_threads,
+                                                        choice.session_providers, config,
+                                                        share_kv=share_kv, nbits=nbits)
             if role == "text_encoder" and choice.device == "cpu":
                 sessions[role] = cls._mapped_session(root, rel, cls._options(role, n_threads),
                                                      choice.session_providers)
@@ -698,9 +710,12 @@ class MusicGen:
         return open_cached
 
     @classmethod
-    def _shared_kv_session(cls, root: Path, rel: str, threads: int, providers: list[str],
-                           config: ModelConfig) -> ort.InferenceSession | None:
-        """The ``share_kv_graph`` rewrite of ``rel``, or None where it does not apply.
+    def _rewritten_session(cls, root: Path, rel: str, threads: int, providers: list[str],
+                           config: ModelConfig, *, share_kv: bool = True,
+                           nbits: int | None = None) -> ort.InferenceSession | None:
+        """``rel`` rewritten: its MatMuls onto ``nbits``-bit blocks (``nbits.to_nbits``;
+        required: failing raises MODEL_LOAD_FAILED) and/or its self-attention onto shared
+        KV buffers (``share_kv_graph``; optional: None where it does not apply).
 
         The first load rewrites the graph (needs the ``onnx`` package) and saves
         onnxruntime's optimized result under ``optimized_dir()``: the graph in
@@ -711,7 +726,9 @@ class MusicGen:
         more for int8) and the pages are the page cache's, shared and reclaimable.
         """
         src = (root / rel).resolve()
-        cache, stem = cls._cache_file(root, rel, "kvshare")
+        kind = "-".join(([f"int{nbits}b{NBITS_BLOCK}"] if nbits else []) +
+                        (["kvshare"] if share_kv else []))
+        cache, stem = cls._cache_file(root, rel, kind)
         if cache.is_file():
             try:
                 return ort.InferenceSession(str(cache), sess_options=session_options(threads),
@@ -719,18 +736,31 @@ class MusicGen:
             except Exception as e:   # a damaged cache: rebuild it
                 log.warning("ignoring cached %s: %s", cache, e)
                 cache.unlink(missing_ok=True)
+        layers = 0
         try:
             import onnx
 
             model = onnx.load(str(src))
-            layers = share_kv_graph(model, config.num_heads, config.head_dim)
+            if nbits:
+                from lofid.worker.nbits import to_nbits
+
+                if not to_nbits(model, bits=nbits, block=NBITS_BLOCK):
+                    raise ValueError("it has no int8 MatMuls")
+            if share_kv:
+                layers = share_kv_graph(model, config.num_heads, config.head_dim)
             data = model.SerializeToString()
             del model
-        except ImportError:
+        except ImportError as e:
+            if nbits:
+                raise LofiError(MODEL_LOAD_FAILED, f"the int{nbits} variant needs the onnx "
+                                f"package ({e})") from e
             log.info("the onnx package is not installed: running %s as exported "
                      "(the KV cache is copied every step)", rel)
             return None
         except Exception as e:
+            if nbits:
+                raise LofiError(MODEL_LOAD_FAILED, f"cannot make the int{nbits} decoder "
+                                f"from {rel} ({e}); {REPAIR}", file=rel) from e
             log.warning("cannot rewrite %s for shared KV buffers (%s): running it as "
                         "exported", rel, e)
             return None
@@ -738,19 +768,23 @@ class MusicGen:
         opts = session_options(threads)
         tmp = weights = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
         try:
-            tmp, weights = cls._saving(opts, cache, stem, "kvshare", prepacked=True)
+            tmp, weights = cls._saving(opts, cache, stem, kind, prepacked=True)
         except OSError as e:
             log.info("not caching the rewritten %s: %s", rel, e)
         try:
             session = ort.InferenceSession(data, sess_options=opts, providers=providers)
         except Exception as e:
-            log.warning("onnxruntime rejects the rewritten %s (%s): running it as "
-                        "exported", rel, e)
             tmp.unlink(missing_ok=True)
             weights.unlink(missing_ok=True)
+            if nbits:
+                raise LofiError(MODEL_LOAD_FAILED, f"onnxruntime rejects the int{nbits} "
+                                f"decoder made from {rel} ({e})", file=rel) from e
+            log.warning("onnxruntime rejects the rewritten %s (%s): running it as "
+                        "exported", rel, e)
             return None
         del data
-        log.info("%s: %d self-attention layers on shared KV buffers", rel, layers)
+        log.info("%s: %s%d self-attention layers on shared KV buffers", rel,
+                 f"{nbits}-bit MatMuls, " if nbits else "", layers)
         if not tmp.is_file():
             return session   # not cached: run this session
         os.replace(tmp, cache)
@@ -760,9 +794,12 @@ class MusicGen:
             return ort.InferenceSession(str(cache), sess_options=session_options(threads),
                                         providers=providers)
         except Exception as e:
+            cache.unlink(missing_ok=True)
+            if nbits:
+                raise LofiError(MODEL_LOAD_FAILED, f"cannot open the int{nbits} decoder "
+                                f"just cached ({e})", file=rel) from e
             log.warning("cannot open the rewritten %s just cached (%s): running it as "
                         "exported", rel, e)
-            cache.unlink(missing_ok=True)
             return None
 
     @classmethod

@@ -506,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     msub = m.add_subparsers(dest="models_cmd", required=True, metavar="ACTION")
     msub.add_parser("list", help="variants, present or missing, sizes, where")
     md = msub.add_parser("download", help="download a variant (gives consent)")
-    md.add_argument("--variant", choices=("fp32", "fp16", "int8"))
+    md.add_argument("--variant", choices=config.VARIANTS)
     md.add_argument("--force", action="store_true", help="download again even if present (repairs corrupt files)")
     m.set_defaults(func=cmd_models)
 
