@@ -445,3 +445,26 @@ def test_int4_variant_is_the_int8_files_on_4bit_blocks(tmp_path, monkeypatch):
     with pytest.raises(LofiError) as err:
         MusicGen.load(MODEL, "int4", device="cuda")
     assert err.value.code == errors.MODEL_LOAD_FAILED and "CPU only" in err.value.message
+
+
+def test_cached_graphs_of_a_removed_model_are_pruned(tmp_path, monkeypatch):
+    """A model folder that is gone (a deleted --model-dir, an old hub revision) leaves no
+    cached graphs behind: the next load removes them, and only them."""
+    opt = tmp_path / "optimized"
+    monkeypatch.setenv("LOFID_OPTIMIZED_DIR", str(opt))
+    copy = tmp_path / "copy"
+    shutil.copytree(MODEL, copy)
+    MusicGen.load(copy, "int8", threads=1)
+    theirs = set(opt.iterdir())
+    MusicGen.load(MODEL, "int8", threads=1)
+    ours = set(opt.iterdir()) - theirs
+    assert len(theirs) >= 3 and len(ours) >= 3          # graphs, weights, a .source each
+    assert {p.read_text() for p in theirs if p.suffix == ".source"} == {
+        str((copy / "small_i8" / "decoder_model_merged.onnx").resolve()),
+        str((copy / "small_fp32" / "text_encoder.onnx").resolve())}
+    MusicGen.load(MODEL, "int8", threads=1)
+    assert set(opt.iterdir()) == theirs | ours           # nothing removed while it exists
+    shutil.rmtree(copy)
+    MusicGen.load(MODEL, "int8", threads=1)              # prunes as it loads
+    assert set(opt.iterdir()) == ours
+    assert mg.prune_optimized() == 0

@@ -196,6 +196,25 @@ def optimized_dir() -> Path:
     return Path(platformdirs.user_cache_dir("lofid")) / "optimized"
 
 
+def prune_optimized(directory: Path | None = None) -> int:
+    """Remove the cached graphs whose source file is gone (a deleted ``--model-dir``, a
+    hub revision pruned from the Hugging Face cache); -> bytes freed. Each source's
+    entries share the prefix ``<where>-`` and a ``<where>.source`` file naming it."""
+    directory = directory or optimized_dir()
+    freed = 0
+    for marker in directory.glob("*.source"):
+        try:
+            if Path(marker.read_text().strip()).exists():
+                continue
+            where = marker.name.removesuffix(".source")
+            for stale in [*directory.glob(f"{where}-*"), marker]:
+                freed += stale.stat().st_size
+                stale.unlink()
+        except OSError as e:
+            log.info("cannot prune %s: %s", marker, e)
+    return freed
+
+
 def _cpu_signature() -> str:
     """A short hash of the CPU's architecture and feature flags. The cached decoder keeps
     onnxruntime's prepacked weights, whose layout depends on the instruction set: a
@@ -548,6 +567,9 @@ class MusicGen:
         """
         start = time.perf_counter()
         root = Path(root)
+        freed = prune_optimized()
+        if freed:
+            log.info("removed %.0f MB of cached graphs whose model files are gone", freed / 1e6)
         spec = engine_file_roles(variant, decoder_form)
         files = [CONFIG, TOKENIZER, *spec.values()]
         missing = [f for f in files if not (root / f).is_file()]
@@ -642,6 +664,13 @@ class MusicGen:
         stem = f"{where}-{rel.replace('/', '__').removesuffix('.onnx')}"
         tag = (f"{stem}.{st.st_size}-{st.st_mtime_ns}.ort{ort.__version__}-"
                f"{_cpu_signature()}.{kind}.onnx")
+        marker = optimized_dir() / f"{where}.source"   # for prune_optimized
+        if not marker.is_file():
+            try:
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(str(src))
+            except OSError:
+                pass   # not caching anyway: _saving reports why
         return optimized_dir() / tag, stem
 
     @staticmethod
