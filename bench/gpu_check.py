@@ -153,7 +153,7 @@ def check_daemon(device: str, tmp: Path) -> dict:
         while not sock.exists() and daemon.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         t = time.perf_counter()
-        gen = subprocess.run([*ctl, "--json", "generate", "rainy night jazz", "--duration", "5",
+        gen = subprocess.run([*ctl, "--json", "generate", "rainy night jazz", "--duration", "12",
                               "--seed", "3"], env=env, capture_output=True, text=True, timeout=180)
         r["generate_s"] = round(time.perf_counter() - t, 2)
         r["generate_rc"], r["generate_out"] = gen.returncode, (gen.stdout + gen.stderr)[-1500:]
@@ -289,6 +289,23 @@ def main() -> int:
             row = {"variant": variant, "error": traceback.format_exc()[-2000:]}
         report["variants"].append(row)
         print(json.dumps(row, indent=1), flush=True)
+    # the int4 variant is a CPU format: refused on a GPU, run on the CPU under auto
+    from lofid.errors import LofiError
+    try:
+        MusicGen.load(MODEL, "int4", device=DEVICE)
+        report["int4_on_device"] = "loaded"
+    except LofiError as e:
+        report["int4_on_device"] = f"{e.code}: {e.message}"
+    report["int4_auto_device"] = MusicGen.load(MODEL, "int4", device="auto").device
+    # past 10 s EnCodec runs in chunks: 25 s of fp16 on the device
+    m = MusicGen.load(MODEL, "fp16", device=DEVICE)
+    t = time.perf_counter()
+    audio = m.generate("rainy night jazz", 25.0, seed=9)
+    report["fp16_25s"] = {"samples": int(audio.size), "finite": bool(np.isfinite(audio).all()),
+                          "s": round(time.perf_counter() - t, 2),
+                          "same_again": bool(np.array_equal(audio, m.generate(
+                              "rainy night jazz", 25.0, seed=9)))}
+    print(json.dumps({k: report[k] for k in ("int4_on_device", "int4_auto_device", "fp16_25s")}))
     report["daemon"] = []
     for device in (DEVICE, "auto"):
         try:
