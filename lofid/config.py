@@ -212,6 +212,9 @@ def load_with_sources(flags: Mapping[str, Any] | None = None,
             values[key] = _convert(key, value, flag)
             sources[key] = "flag " + flag
     _defaults_for_paths(values)
+    if values["variant"] == "int4" and values["device"] in ("cuda", "metal"):
+        raise ConfigError(f"variant 'int4' ({sources['variant']}) runs on the CPU only, not "
+                          f"on device {values['device']!r} ({sources['device']}); use fp16 there")
     return Settings(**values), sources
 
 

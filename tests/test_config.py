@@ -144,3 +144,10 @@ def test_lofictl_config_prints_values_sources_and_paths(short_tmp):
     assert str(short_tmp / "tracks") in text and "(does not exist yet)" in text
     bad = lofictl({**env, "LOFID_TOP_K": "x"}, "config")
     assert bad.returncode != 0 and bad.stderr.startswith("lofictl: INVALID_CONFIG: LOFID_TOP_K: ")
+
+
+def test_int4_on_a_gpu_is_refused_at_start():
+    with pytest.raises(config.ConfigError) as err:
+        config.load({"variant": "int4", "device": "cuda"}, environ={})
+    assert "CPU only" in str(err.value) and "flag --variant" in str(err.value)
+    assert config.load({"variant": "int4", "device": "auto"}, environ={}).variant == "int4"
