@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import onnxruntime as ort
 import pytest
 
@@ -100,6 +102,6 @@ def test_auto_guesses_cuda_where_the_gpu_build_is_installed(tmp_path, monkeypatc
 
 def test_auto_guesses_metal_on_apple_silicon(monkeypatch):
     monkeypatch.setattr("sys.platform", "darwin")
-    monkeypatch.setattr("platform.machine", lambda: "arm64")
+    monkeypatch.setattr("os.uname", lambda: os.uname_result(("Darwin", "mac", "23.0", "", "arm64")))
     assert device.likely_auto_device() == "metal"
     assert config.default_variant("auto") == "fp16"

@@ -74,17 +74,21 @@ def likely_auto_device() -> str:
     onnxruntime (the broker never does, and it picks the default variant): ``cuda``
     where the onnxruntime-gpu build is installed, ``metal`` on Apple silicon (the
     standard macOS wheel has CoreML), else ``cpu``. Where the guess is wrong (a GPU
-    build with no usable CUDA), the worker runs the guessed variant on the CPU."""
-    import importlib.metadata
-    import platform
+    build with no usable CUDA), the worker runs the guessed variant on the CPU.
+
+    It looks for the distribution's metadata folder on ``sys.path`` itself: importing
+    importlib.metadata would cost the broker ~1.7 MB."""
     import sys
 
-    try:
-        importlib.metadata.distribution("onnxruntime-gpu")
-        return "cuda"
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    if sys.platform == "darwin" and platform.machine() == "arm64":
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:   # a zip file, a missing folder
+            continue
+        if any(n.lower().startswith("onnxruntime_gpu-") and n.endswith((".dist-info", ".egg-info"))
+               for n in names):
+            return "cuda"
+    if sys.platform == "darwin" and os.uname().machine == "arm64":
         return "metal"
     return "cpu"
 
