@@ -765,6 +765,15 @@ class MusicGen:
             except Exception as e:   # a damaged cache: rebuild it
                 log.warning("ignoring cached %s: %s", cache, e)
                 cache.unlink(missing_ok=True)
+
+        def cannot(problem: str, e: Exception) -> None:
+            """int{nbits} has no exported form to fall back to: raise. The shared-KV
+            rewrite alone is an optimization: log, and the caller runs ``rel`` as exported."""
+            if nbits:
+                raise LofiError(MODEL_LOAD_FAILED, f"the int{nbits} decoder from {rel}: "
+                                f"{problem} ({e}); {REPAIR}", file=rel) from e
+            log.warning("%s: %s (%s): running it as exported", rel, problem, e)
+
         layers = 0
         try:
             import onnx
@@ -780,19 +789,10 @@ class MusicGen:
             data = model.SerializeToString()
             del model
         except ImportError as e:
-            if nbits:
-                raise LofiError(MODEL_LOAD_FAILED, f"the int{nbits} variant needs the onnx "
-                                f"package ({e})") from e
-            log.info("the onnx package is not installed: running %s as exported "
-                     "(the KV cache is copied every step)", rel)
-            return None
+            return cannot("the onnx package is not installed (the KV cache is copied "
+                          "every step without it)", e)
         except Exception as e:
-            if nbits:
-                raise LofiError(MODEL_LOAD_FAILED, f"cannot make the int{nbits} decoder "
-                                f"from {rel} ({e}); {REPAIR}", file=rel) from e
-            log.warning("cannot rewrite %s for shared KV buffers (%s): running it as "
-                        "exported", rel, e)
-            return None
+            return cannot("cannot rewrite it", e)
         _release_heap()
         opts = session_options(threads)
         tmp = weights = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
@@ -805,12 +805,7 @@ class MusicGen:
         except Exception as e:
             tmp.unlink(missing_ok=True)
             weights.unlink(missing_ok=True)
-            if nbits:
-                raise LofiError(MODEL_LOAD_FAILED, f"onnxruntime rejects the int{nbits} "
-                                f"decoder made from {rel} ({e})", file=rel) from e
-            log.warning("onnxruntime rejects the rewritten %s (%s): running it as "
-                        "exported", rel, e)
-            return None
+            return cannot("onnxruntime rejects the rewritten graph", e)
         del data
         log.info("%s: %s%d self-attention layers on shared KV buffers", rel,
                  f"{nbits}-bit MatMuls, " if nbits else "", layers)
@@ -824,12 +819,7 @@ class MusicGen:
                                         providers=providers)
         except Exception as e:
             cache.unlink(missing_ok=True)
-            if nbits:
-                raise LofiError(MODEL_LOAD_FAILED, f"cannot open the int{nbits} decoder "
-                                f"just cached ({e})", file=rel) from e
-            log.warning("cannot open the rewritten %s just cached (%s): running it as "
-                        "exported", rel, e)
-            return None
+            return cannot("cannot open the rewritten graph just cached", e)
 
     @classmethod
     def _upcast_session(cls, root: Path, rel: str, opts, providers: list
