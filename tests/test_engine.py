@@ -423,14 +423,18 @@ def test_long_audio_decodes_in_chunks_close_to_one_run():
 
 def test_int4_variant_is_the_int8_files_on_4bit_blocks(tmp_path, monkeypatch):
     """int4 loads the int8 files, rewrites their MatMuls onto MatMulNBits (nbits.py) and
-    its attention onto the shared KV buffers, caches that once, and runs on the CPU only."""
+    its attention onto shared int8 KV buffers, calibrated on its first load
+    (kvquant.py), caches that once, and runs on the CPU only."""
     import onnx
 
     monkeypatch.setenv("LOFID_OPTIMIZED_DIR", str(tmp_path))
     m = MusicGen.load(MODEL, "int4", threads=1)
     assert (m.variant, m.device) == ("int4", "cpu") and m.decoder.shared
-    graphs = [p for p in tmp_path.iterdir() if p.name.endswith(".int4b128-kvshare.onnx")]
+    assert {m.decoder.past_dtype[n] for n in m.decoder.dec_names} == {np.int8}
+    graphs = [p for p in tmp_path.iterdir() if p.name.endswith(".int4b128-kvshare-kv8.onnx")]
     assert len(graphs) == 1
+    # the float-cache rewrite used for the calibration is gone from the cache
+    assert not [p for p in tmp_path.iterdir() if ".int4b128-kvshare.onnx" in p.name]
     ops = {n.op_type for g in (onnx.load(str(graphs[0]), load_external_data=False).graph,)
            for n in g.node}
     ops |= {x.op_type for n in onnx.load(str(graphs[0]), load_external_data=False).graph.node

@@ -41,7 +41,7 @@ from lofid.errors import (
     MODEL_NOT_FOUND,
     LofiError,
 )
-from lofid.worker import delay
+from lofid.worker import delay, kvquant
 from lofid.worker.device import INSTALL_HINT, PROVIDER, resolve_threads, select, session_options
 from lofid.worker.sampling import SamplingParams, guide, sample
 
@@ -61,6 +61,9 @@ VARIANT_DIRS: dict[str, tuple[str, str, str]] = {
 # int4 is made here from the int8 files: their MatMuls requantized to 4-bit blocks (nbits.py)
 NBITS = {"int4": 4}
 NBITS_BLOCK = 128
+# variants whose self-attention cache is int8, with calibrated scales (kvquant.py; CPU,
+# merged decoder): the speed-first variant only
+KV_INT8 = {"int4"}
 # The hub's small_fp16/ has no merged decoder, so fp16 uses the split pair.
 DEFAULT_DECODER_FORM = {"fp32": "merged", "fp16": "split", "int8": "merged", "int4": "merged"}
 REPAIR = "run `lofictl models download --force` to fetch it again"
@@ -70,7 +73,7 @@ MIN_DECODE_FRAMES = 8
 ENCODEC_CHUNK_SEC = 10.0     # decode_audio: EnCodec runs on at most this much audio at once
 ENCODEC_OVERLAP_SEC = 1.0    # ... plus this much context on either side, crossfaded
 _PAST = re.compile(r"past_key_values\.(\d+)\.(decoder|encoder)\.(key|value)$")
-_NP_TYPE = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_NP_TYPE = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 
 
 def engine_file_roles(variant: str, decoder_form: str | None = None) -> dict[str, str]:
@@ -238,8 +241,14 @@ def _release_heap() -> None:
         pass   # not glibc
 
 
-def share_kv_graph(model, heads: int, head_dim: int) -> int:
+def share_kv_graph(model, heads: int, head_dim: int,
+                   kv_scales: dict[str, np.ndarray] | None = None) -> int:
     """Rewrite ``model`` (onnx ModelProto, split with-past or merged decoder) in place.
+
+    ``kv_scales`` (merged decoder only): ``present.<i>.decoder.key``/``.value`` -> its
+    per-channel scale ``[heads * head_dim]``; the self-attention cache is then int8
+    (kvquant.py says how the scales are chosen), and the prefill branch quantizes what it
+    hands over the same way.
 
     Returns the number of self-attention layers rewritten; raises ValueError when the
     graph does not have the expected shape (the caller then keeps the original graph).
@@ -250,16 +259,20 @@ def share_kv_graph(model, heads: int, head_dim: int) -> int:
     past = {i.name for i in graph.input if _PAST.match(i.name) and ".decoder." in i.name}
     if not past:
         raise ValueError("no decoder past inputs")
-    target = None
+    target, prefill = None, None
     if any(i in past for n in graph.node for i in n.input):
         target = graph
-    else:   # merged: the If branch that reads the past
+    else:   # merged: the If branch that reads the past (the other one is the prefill)
         for node in graph.node:
-            for a in node.attribute:
-                if a.HasField("g") and any(i in past for n in a.g.node for i in n.input):
-                    target = a.g
+            branches = [a.g for a in node.attribute if a.HasField("g")]
+            for g in branches:
+                if any(i in past for n in g.node for i in n.input):
+                    target = g
+                    prefill = next((b for b in branches if b is not g), None)
     if target is None:
         raise ValueError("no graph reads the decoder past")
+    if kv_scales is not None and prefill is None:
+        raise ValueError("an int8 KV cache needs the merged decoder")
     # protobuf hands out fresh wrappers on each access: hold one list of the nodes so
     # that identities (id()) stay stable while the graph is edited
     nodes = list(target.node)
@@ -317,14 +330,23 @@ def share_kv_graph(model, heads: int, head_dim: int) -> int:
             raise ValueError(f"layer {i}: unexpected self-attention")
         scale = scalar(mul_q.input[1]) * scalar(mul_k.input[1])
         pre = f"/lofid/kvshare/{i}"
+        inputs = [new_projection(mul_q.input[0]),
+                  new_projection(cat_k.input[-1]), new_projection(cat_v.input[-1]),
+                  f"past_key_values.{i}.decoder.key", f"past_key_values.{i}.decoder.value",
+                  KV_SEQLENS, KV_TOTAL]
+        quant = {}
+        if kv_scales is not None:
+            # inputs 7-11 (rotary caches, position ids, bias, sink) unused; 12, 13 scales
+            inputs += ["", "", "", "", "", pre + "/k_scale", pre + "/v_scale"]
+            for name, present in ((pre + "/k_scale", pk), (pre + "/v_scale", pv)):
+                target.initializer.append(numpy_helper.from_array(
+                    kvquant.channel_scale(kv_scales, present, heads * head_dim), name))
+            quant = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL",
+                         kv_cache_bit_width=8)
         add.append(helper.make_node(
-            "GroupQueryAttention",
-            [new_projection(mul_q.input[0]),
-             new_projection(cat_k.input[-1]), new_projection(cat_v.input[-1]),
-             f"past_key_values.{i}.decoder.key", f"past_key_values.{i}.decoder.value",
-             KV_SEQLENS, KV_TOTAL],
-            [pre + "/attn", pk, pv], name=pre + "/GroupQueryAttention",
-            domain="com.microsoft", num_heads=heads, kv_num_heads=heads, scale=scale))
+            "GroupQueryAttention", inputs, [pre + "/attn", pk, pv],
+            name=pre + "/GroupQueryAttention", domain="com.microsoft", num_heads=heads,
+            kv_num_heads=heads, scale=scale, **quant))
         target.initializer.append(numpy_helper.from_array(
             np.array([0, 0, heads, head_dim], np.int64), pre + "/shape"))
         add.append(helper.make_node("Reshape", [pre + "/attn", pre + "/shape"],
@@ -368,6 +390,11 @@ def share_kv_graph(model, heads: int, head_dim: int) -> int:
             if o.name.startswith("present.") and ".decoder." in o.name:
                 o.type.tensor_type.shape.dim[2].Clear()
                 o.type.tensor_type.shape.dim[2].dim_param = "kv_capacity"
+    if kv_scales is not None:
+        kvquant.quantize_prefill(prefill, kv_scales, heads, head_dim)
+        for v in [*graph.input, *graph.output, *target.output]:
+            if (_PAST.match(v.name) or v.name.startswith("present.")) and ".decoder." in v.name:
+                v.type.tensor_type.elem_type = TensorProto.INT8
     return len(layers)
 
 
@@ -427,6 +454,8 @@ class _Decoder:
         self.head_dim = shape[3] if isinstance(shape[3], int) else config.head_dim
         self.step_inputs = {i.name for i in with_past.get_inputs()}
         self.dec_names = [n for n in self.past_names if ".decoder." in n]
+        # each past's element type: the decoder's is int8 where its cache is quantized
+        self.past_dtype = {n: _NP_TYPE[past_inputs[n].type] for n in self.past_names}
         self.step_outputs = ["logits"] + [self._present(n) for n in self.dec_names]
         self.device_type = "cuda" if first.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.cache: dict[str, ort.OrtValue] = {}
@@ -478,8 +507,8 @@ class _Decoder:
         inputs = {"input_ids": ids, "encoder_hidden_states": self.hidden,
                   "encoder_attention_mask": self.mask}
         if self.merged:
-            empty = np.zeros((batch, self.heads, 0, self.head_dim), self.dtype)
-            inputs.update({n: empty for n in self.past_names})
+            inputs.update({n: np.zeros((batch, self.heads, 0, self.head_dim),
+                                       self.past_dtype[n]) for n in self.past_names})
             inputs["use_cache_branch"] = np.array([False])
             if self.shared:
                 inputs[KV_SEQLENS] = np.full(batch, length - 1, np.int32)
@@ -491,7 +520,8 @@ class _Decoder:
             # one zeroed buffer per layer's key and value, the prefill copied in once
             capacity = max(capacity, length + 1)
             for name in self.dec_names:
-                buf = np.zeros((batch, self.heads, capacity, self.head_dim), self.dtype)
+                buf = np.zeros((batch, self.heads, capacity, self.head_dim),
+                               self.past_dtype[name])
                 buf[:, :, :length] = self.cache[name].numpy()
                 self.cache[name] = self._value(buf)
             self.length = length
@@ -593,15 +623,24 @@ class MusicGen:
             raise LofiError(MODEL_LOAD_FAILED, f"cannot load {root / TOKENIZER}: {e}; "
                             f"{REPAIR}", file=TOKENIZER) from e
         sessions = {}
+        kv_int8 = (variant in KV_INT8 and share_kv and choice.device == "cpu"
+                   and "decoder_with_past" not in spec)
+        calibrate = False
         # The decoder first: its load has the largest transient (the file read while
         # the weights are packed), best passed while nothing else is in memory.
         for role in sorted(spec, key=lambda r: not r.startswith("decoder")):
             rel = spec[role]
             step_role = "decoder_with_past" if "decoder_with_past" in spec else "decoder"
             if role == step_role and (share_kv or nbits) and choice.device == "cpu":
-                sessions[role] = cls._rewritten_session(root, rel, n_threads,
-                                                        choice.session_providers, config,
-                                                        share_kv=share_kv, nbits=nbits)
+                if kv_int8:   # calibrated before: the int8-cache graph is cached
+                    sessions[role] = cls._cached_session(
+                        root, rel, cls._rewrite_kind(nbits, share_kv, kv_int8=True),
+                        n_threads, choice.session_providers)
+                    calibrate = sessions[role] is None
+                if sessions.get(role) is None:
+                    sessions[role] = cls._rewritten_session(root, rel, n_threads,
+                                                            choice.session_providers, config,
+                                                            share_kv=share_kv, nbits=nbits)
             if role == "text_encoder" and choice.device == "cpu":
                 sessions[role] = cls._mapped_session(root, rel, cls._options(role, n_threads),
                                                      choice.session_providers)
@@ -630,10 +669,14 @@ class MusicGen:
         except (ValueError, KeyError) as e:
             raise LofiError(MODEL_LOAD_FAILED, f"unexpected model graph in {root}: {e}; "
                             f"{REPAIR}", variant=variant) from e
-        return cls(root=root, variant=variant, config=config, tokenizer=tokenizer,
-                   text_encoder=sessions["text_encoder"], decoder=decoder,
-                   encodec=sessions["encodec"], device=device_used, threads=n_threads,
-                   load_time_sec=time.perf_counter() - start)
+        engine = cls(root=root, variant=variant, config=config, tokenizer=tokenizer,
+                     text_encoder=sessions["text_encoder"], decoder=decoder,
+                     encodec=sessions["encodec"], device=device_used, threads=n_threads,
+                     load_time_sec=0.0)
+        if calibrate and decoder.shared:
+            engine._quantize_kv_cache(spec["decoder"], nbits, choice.session_providers)
+        engine.load_time_sec = time.perf_counter() - start
+        return engine
 
     @staticmethod
     def _options(role: str, threads: int):
@@ -738,13 +781,38 @@ class MusicGen:
             return None
         return open_cached
 
+    @staticmethod
+    def _rewrite_kind(nbits: int | None, share_kv: bool, kv_int8: bool = False) -> str:
+        """The cache-name tag of a decoder rewrite."""
+        return "-".join(([f"int{nbits}b{NBITS_BLOCK}"] if nbits else []) +
+                        (["kvshare"] if share_kv else []) + (["kv8"] if kv_int8 else []))
+
+    @classmethod
+    def _cached_session(cls, root: Path, rel: str, kind: str, threads: int,
+                        providers: list[str]) -> ort.InferenceSession | None:
+        """The cached rewrite ``kind`` of ``rel``; None where there is none (a damaged
+        one is removed)."""
+        cache, _ = cls._cache_file(root, rel, kind)
+        if not cache.is_file():
+            return None
+        try:
+            return ort.InferenceSession(str(cache), sess_options=session_options(threads),
+                                        providers=providers)
+        except Exception as e:   # a damaged cache: rebuild it
+            log.warning("ignoring cached %s: %s", cache, e)
+            cache.unlink(missing_ok=True)
+            return None
+
     @classmethod
     def _rewritten_session(cls, root: Path, rel: str, threads: int, providers: list[str],
                            config: ModelConfig, *, share_kv: bool = True,
-                           nbits: int | None = None) -> ort.InferenceSession | None:
+                           nbits: int | None = None,
+                           kv_scales: dict[str, np.ndarray] | None = None
+                           ) -> ort.InferenceSession | None:
         """``rel`` rewritten: its MatMuls onto ``nbits``-bit blocks (``nbits.to_nbits``;
         required: failing raises MODEL_LOAD_FAILED) and/or its self-attention onto shared
-        KV buffers (``share_kv_graph``; optional: None where it does not apply).
+        KV buffers (``share_kv_graph``; optional: None where it does not apply), int8
+        ones with ``kv_scales`` (kvquant.py).
 
         The first load rewrites the graph (needs the ``onnx`` package) and saves
         onnxruntime's optimized result under ``optimized_dir()``: the graph in
@@ -755,16 +823,11 @@ class MusicGen:
         more for int8) and the pages are the page cache's, shared and reclaimable.
         """
         src = (root / rel).resolve()
-        kind = "-".join(([f"int{nbits}b{NBITS_BLOCK}"] if nbits else []) +
-                        (["kvshare"] if share_kv else []))
+        kind = cls._rewrite_kind(nbits, share_kv, kv_int8=kv_scales is not None)
         cache, stem = cls._cache_file(root, rel, kind)
-        if cache.is_file():
-            try:
-                return ort.InferenceSession(str(cache), sess_options=session_options(threads),
-                                            providers=providers)
-            except Exception as e:   # a damaged cache: rebuild it
-                log.warning("ignoring cached %s: %s", cache, e)
-                cache.unlink(missing_ok=True)
+        session = cls._cached_session(root, rel, kind, threads, providers)
+        if session is not None:
+            return session
 
         def cannot(problem: str, e: Exception) -> None:
             """int{nbits} has no exported form to fall back to: raise. The shared-KV
@@ -785,7 +848,7 @@ class MusicGen:
                 if not to_nbits(model, bits=nbits, block=NBITS_BLOCK):
                     raise ValueError("it has no int8 MatMuls")
             if share_kv:
-                layers = share_kv_graph(model, config.num_heads, config.head_dim)
+                layers = share_kv_graph(model, config.num_heads, config.head_dim, kv_scales)
             data = model.SerializeToString()
             del model
         except ImportError as e:
@@ -807,8 +870,9 @@ class MusicGen:
             weights.unlink(missing_ok=True)
             return cannot("onnxruntime rejects the rewritten graph", e)
         del data
-        log.info("%s: %s%d self-attention layers on shared KV buffers", rel,
-                 f"{nbits}-bit MatMuls, " if nbits else "", layers)
+        log.info("%s: %s%d self-attention layers on shared %s KV buffers", rel,
+                 f"{nbits}-bit MatMuls, " if nbits else "", layers,
+                 "int8" if kv_scales is not None else "float")
         if not tmp.is_file():
             return session   # not cached: run this session
         os.replace(tmp, cache)
@@ -820,6 +884,50 @@ class MusicGen:
         except Exception as e:
             cache.unlink(missing_ok=True)
             return cannot("cannot open the rewritten graph just cached", e)
+
+    def _quantize_kv_cache(self, rel: str, nbits: int | None, providers: list[str]) -> None:
+        """The first load of a ``KV_INT8`` variant: calibrate the cache's scales on this
+        engine (float cache, kvquant.py), then swap in ``rel`` rewritten onto an int8
+        cache, which is cached: later loads open it directly, and the float-cache
+        rewrite it supersedes is removed. Where that fails the float cache stays (logged)."""
+        start = time.perf_counter()
+        calibration = kvquant.Calibration()
+        try:
+            for prompt in kvquant.PROMPTS:
+                self._calibration_run(prompt, calibration)
+        except LofiError as e:
+            log.warning("cannot calibrate the int8 KV cache (%s): keeping the float cache", e)
+            return
+        float_kind = self._rewrite_kind(nbits, True)
+        self.decoder = None   # its session: out of memory before the rewrite comes in
+        _release_heap()
+        session = self._rewritten_session(self.root, rel, self.threads, providers, self.config,
+                                          nbits=nbits, kv_scales=calibration.scales())
+        if session is None:   # logged by _rewritten_session
+            session = self._rewritten_session(self.root, rel, self.threads, providers,
+                                              self.config, nbits=nbits)
+        else:
+            superseded, _ = self._cache_file(self.root, rel, float_kind)
+            for old in [superseded, *superseded.parent.glob(superseded.name + ".*.data")]:
+                old.unlink(missing_ok=True)
+            log.info("%s: int8 KV cache calibrated in %.1f s", rel, time.perf_counter() - start)
+        self.decoder = _Decoder(session, session, self.config)
+
+    def _calibration_run(self, prompt: str, calibration: kvquant.Calibration) -> None:
+        """One window of ``kvquant.FRAMES`` frames of ``prompt``, sampled as a request is;
+        then every layer's decoder keys/values go to ``calibration``."""
+        k, frames = self.num_codebooks, min(kvquant.FRAMES, self.window_frames)
+        hidden, mask = self._encode_text(prompt)
+        counter = _Counter(delay.generated_positions(frames, k), None)
+        dec = self.decoder
+        try:
+            self._window(hidden, mask, np.zeros((k, 0), np.int64), frames,
+                         SamplingParams(250, 1.0, 3.0), np.random.default_rng(kvquant.SEED),
+                         counter)
+            for name in dec.dec_names:
+                calibration.observe(dec._present(name), dec.cache[name].numpy()[:, :, :dec.length])
+        finally:
+            dec.release()
 
     @classmethod
     def _upcast_session(cls, root: Path, rel: str, opts, providers: list
