@@ -463,11 +463,13 @@ class _Decoder:
         # buffers, bound as both past and present, written in place.
         self.shared = KV_SEQLENS in self.step_inputs
         self.length = 0
+        self.binding, self.bound = None, {}   # the shared decoder's step (``_bind_steps``)
 
     def release(self) -> None:
         """Drop the KV buffers and the encoder states between requests (the KV buffers
         are the largest allocation of a long generation; EnCodec runs after them)."""
         self.cache, self.hidden, self.mask, self.length = {}, None, None, 0
+        self.binding, self.bound = None, {}
 
     @staticmethod
     def _present(past_name: str) -> str:
@@ -525,30 +527,58 @@ class _Decoder:
                 buf[:, :, :length] = self.cache[name].numpy()
                 self.cache[name] = self._value(buf)
             self.length = length
-        return out[0].numpy()[:, -1]
+        logits = out[0].numpy()
+        if self.shared:
+            self._bind_steps(logits.shape[0], logits.shape[-1], logits.dtype)
+        return logits[:, -1]
 
-    def step(self, ids: np.ndarray) -> np.ndarray:
-        """ids ``[2K, 1]`` -> logits ``[2K, V]``; appends to the decoder cache."""
-        inputs = {"input_ids": ids, "encoder_attention_mask": self.mask, **self.cache}
+    def _bind_steps(self, rows: int, vocab: int, dtype) -> None:
+        """Bind the shared decoder's step once per sequence: every step runs on the same
+        buffers (the KV cache in place, the encoder states, the logits), so only the
+        step's ids and the two lengths change, written into their bound values. Binding
+        the ~150 names anew each step cost ~0.3 ms of a ~10 ms step."""
+        batch = self.mask.shape()[0]
+        self.step_ids = self._value(np.zeros((rows, 1), np.int64))
+        self.seqlens = self._value(np.zeros(batch, np.int32))
+        self.total = self._value(np.zeros((), np.int32))
+        self.logits = np.zeros((rows, 1, vocab), dtype)
+        b = self.binding = self.with_past.io_binding()
+        inputs = {"input_ids": self.step_ids, "encoder_attention_mask": self.mask,
+                  KV_SEQLENS: self.seqlens, KV_TOTAL: self.total, **self.cache}
         if "encoder_hidden_states" in self.step_inputs:
             inputs["encoder_hidden_states"] = self.hidden
         if self.merged:
-            inputs["use_cache_branch"] = np.array([True])
+            inputs["use_cache_branch"] = self._value(np.array([True]))
+        # OrtValues made from numpy wrap its memory and keep it alive: held here with
+        # the binding (the logits' one: each run writes the logits into self.logits)
+        self.bound = {**inputs, "logits": ort.OrtValue.ortvalue_from_numpy(self.logits)}
+        for name, value in inputs.items():
+            b.bind_ortvalue_input(name, value)
+        b.bind_ortvalue_output("logits", self.bound["logits"])
+        for name in self.dec_names:
+            b.bind_ortvalue_output(self._present(name), self.cache[name])
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        """ids ``[2K, 1]`` -> logits ``[2K, V]``; appends to the decoder cache."""
         if not self.shared:
+            inputs = {"input_ids": ids, "encoder_attention_mask": self.mask, **self.cache}
+            if "encoder_hidden_states" in self.step_inputs:
+                inputs["encoder_hidden_states"] = self.hidden
+            if self.merged:
+                inputs["use_cache_branch"] = np.array([True])
             out = self._bound_run(self.with_past, inputs, self.step_outputs)
             self.cache.update(zip(self.dec_names, out[1:], strict=True))
             return out[0].numpy()[:, -1]
         capacity = self.cache[self.dec_names[0]].shape()[2]
-        if self.length + ids.shape[1] > capacity:
-            raise LofiError(MODEL_INFERENCE_FAILED, f"KV buffer of {capacity} positions "
-                            f"is full at position {self.length}")
-        batch = self.mask.shape()[0]
-        inputs[KV_SEQLENS] = np.full(batch, self.length + ids.shape[1] - 1, np.int32)
-        inputs[KV_TOTAL] = np.array(self.length + ids.shape[1], np.int32)
-        into = {self._present(n): self.cache[n] for n in self.dec_names}
-        out = self._bound_run(self.with_past, inputs, self.step_outputs, into)
-        self.length += ids.shape[1]
-        return out[0].numpy()[:, -1]
+        if self.length + 1 > capacity or ids.shape[1] != 1:
+            raise LofiError(MODEL_INFERENCE_FAILED, f"a step of {ids.shape[1]} positions at "
+                            f"position {self.length} of a {capacity}-position KV buffer")
+        self.step_ids.update_inplace(np.ascontiguousarray(ids, np.int64))
+        self.seqlens.update_inplace(np.full(self.seqlens.shape(), self.length, np.int32))
+        self.total.update_inplace(np.array(self.length + 1, np.int32))
+        _guard(lambda: self.with_past.run_with_iobinding(self.binding))
+        self.length += 1
+        return self.logits[:, -1].copy()
 
 
 class MusicGen:
