@@ -117,3 +117,41 @@ def test_rewrite_refuses_nothing_to_do_and_bad_bits():
     assert to_nbits(model, bits=4) == 0
     with pytest.raises(ValueError):
         to_nbits(model, bits=3)
+
+
+def test_fused_qkv_computes_what_the_three_matmuls_did():
+    """fuse_qkv: each step-branch attention reads one MatMulNBits of three times the
+    width (the packed QKV), the prefill branch splits the same fused weights back in
+    three, no weight is stored twice, and prefill and step logits are bit-identical."""
+    from lofid.worker import musicgen as mg
+    from lofid.worker.nbits import fuse_qkv
+
+    engine = mg.MusicGen.load(ROOT / "tests" / "fixtures" / "music_gen", "fp32", threads=1)
+    hidden, mask = engine._encode_text("fused attention")
+    logits = {}
+    for fuse in (False, True):
+        model = onnx.load(str(INT8))
+        to_nbits(model, bits=4, block=128)
+        mg.share_kv_graph(model, 2, 8)
+        before = sum(t.ByteSize() for t in model.graph.initializer)
+        if fuse:
+            assert fuse_qkv(model) == 2
+            step, prefill = (next(a.g for n in model.graph.node for a in n.attribute
+                                  if a.name == name) for name in ("then_branch", "else_branch"))
+            gqa = [n for n in step.node if n.op_type == "GroupQueryAttention"]
+            assert all(list(n.input[1:3]) == ["", ""] for n in gqa)
+            widths = {a.i for n in step.node if n.op_type == "MatMulNBits"
+                      for a in n.attribute if a.name == "N"}
+            assert 3 * 16 in widths                                  # q, k and v in one
+            assert sum(n.op_type == "Split" for n in prefill.node) == 2
+            assert abs(sum(t.ByteSize() for t in model.graph.initializer) - before) < 1024
+            read = {i for g in _graphs(model.graph) for n in g.node for i in n.input}
+            assert all(t.name in read for t in model.graph.initializer)
+        sess = ort.InferenceSession(model.SerializeToString(), mg.session_options(1),
+                                    providers=["CPUExecutionProvider"])
+        dec = mg._Decoder(sess, sess, engine.config)
+        ids = np.random.default_rng(2).integers(0, 2048, (8, 30))
+        first = dec.begin(ids, hidden, mask, 40)
+        logits[fuse] = [first] + [dec.step(ids[:, t:t + 1]) for t in range(5)]
+    for a, b in zip(logits[False], logits[True], strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -185,6 +185,9 @@ def _guard(call: Callable[[], object]):
 # which the export derives from the past's length, is derived from that input instead.
 _SHRINK_ARENA = ort.RunOptions()
 _SHRINK_ARENA.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+# bumped when a rewrite changes, so that graphs cached by an older lofid are rebuilt
+# (2: the int4 decoder's q/k/v in one MatMulNBits, nbits.fuse_qkv)
+REWRITE_VERSION = 2
 KV_SEQLENS = "kv_seqlens_k"                 # int32 [batch]: total length - 1 per row
 KV_TOTAL = "kv_total_sequence_length"       # int32 scalar: past + new positions
 
@@ -729,14 +732,15 @@ class MusicGen:
     @staticmethod
     def _cache_file(root: Path, rel: str, kind: str) -> tuple[Path, str]:
         """(cached graph path, the stem all versions of it share) for ``rel``. The name
-        carries the source's path, size and mtime, the onnxruntime version and the CPU's
-        features, so a re-downloaded file, another onnxruntime or another CPU rebuilds it."""
+        carries the source's path, size and mtime, the onnxruntime version, the CPU's
+        features and ``REWRITE_VERSION``, so a re-downloaded file, another onnxruntime,
+        another CPU or a changed rewrite rebuilds it."""
         src = (root / rel).resolve()
         st = src.stat()
         where = hashlib.sha1(str(src).encode()).hexdigest()[:12]
         stem = f"{where}-{rel.replace('/', '__').removesuffix('.onnx')}"
         tag = (f"{stem}.{st.st_size}-{st.st_mtime_ns}.ort{ort.__version__}-"
-               f"{_cpu_signature()}.{kind}.onnx")
+               f"{_cpu_signature()}-r{REWRITE_VERSION}.{kind}.onnx")
         marker = optimized_dir() / f"{where}.source"   # for prune_optimized
         if not marker.is_file():
             try:
@@ -873,12 +877,14 @@ class MusicGen:
 
             model = onnx.load(str(src))
             if nbits:
-                from lofid.worker.nbits import to_nbits
+                from lofid.worker.nbits import fuse_qkv, to_nbits
 
                 if not to_nbits(model, bits=nbits, block=NBITS_BLOCK):
                     raise ValueError("it has no int8 MatMuls")
             if share_kv:
                 layers = share_kv_graph(model, config.num_heads, config.head_dim, kv_scales)
+                if nbits:
+                    fuse_qkv(model)
             data = model.SerializeToString()
             del model
         except ImportError as e:

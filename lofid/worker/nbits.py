@@ -137,3 +137,109 @@ def to_nbits(model: onnx.ModelProto, bits: int = 4, block: int = 32,
     if done and not any(o.domain == MS for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS, 1))
     return done
+
+
+def _graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(a.g)
+
+
+def fuse_qkv(model: onnx.ModelProto) -> int:
+    """After ``to_nbits`` and ``musicgen.share_kv_graph``: every GroupQueryAttention whose
+    query, key and value are three MatMulNBits of one input gets them as one MatMulNBits
+    of three times the width, the packed QKV GroupQueryAttention reads when its key and
+    value inputs are empty: one call and one activation quantization instead of three
+    (bench/RESULTS.md). The other branch's MatMulNBits of the same three weights (the
+    merged decoder's prefill) become the fused one and a Split, so both branches still
+    share each packed weight. -> the number of attention layers fused."""
+    inits = {t.name: t for t in model.graph.initializer}
+    fused: dict[tuple[str, ...], str] = {}
+    layers = 0
+
+    def width(node) -> int:
+        return next(a.i for a in node.attribute if a.name == "N")
+
+    def fusable(nodes) -> bool:
+        attrs = {str(sorted((a.name, a.i) for a in n.attribute if a.name != "N"))
+                 for n in nodes}
+        return (len({n.input[0] for n in nodes}) == 1 and len(attrs) == 1
+                and all(len(n.input) == 3 and n.input[1] in inits and n.input[2] in inits
+                        for n in nodes))
+
+    def matmul(nodes, stem: str, out: str):
+        node = helper.make_node("MatMulNBits", [nodes[0].input[0], stem + "_B", stem + "_scales"],
+                                [out], name=out + "/MatMulNBits", domain=MS)
+        node.attribute.extend(a for a in nodes[0].attribute if a.name != "N")
+        node.attribute.append(helper.make_attribute("N", sum(map(width, nodes))))
+        return node
+
+    graphs = list(_graphs(model.graph))
+    for g in graphs:   # the step: the packed QKV straight into GroupQueryAttention
+        nodes = list(g.node)
+        made = {o: n for n in nodes for o in n.output}
+        readers: dict[str, int] = {}
+        for n in nodes:
+            for i in n.input:
+                readers[i] = readers.get(i, 0) + 1
+        swaps = []
+        for gqa in [n for n in nodes if n.op_type == "GroupQueryAttention"]:
+            mm = [made.get(i) for i in gqa.input[:3]]
+            if any(n is None or n.op_type != "MatMulNBits" or readers[n.output[0]] != 1
+                   for n in mm) or not fusable(mm):
+                continue
+            stem = _fused_weights(model, inits, mm, fused)
+            swaps.append((mm, [matmul(mm, stem, stem + "/qkv")]))
+            gqa.input[0], gqa.input[1], gqa.input[2] = stem + "/qkv", "", ""
+            layers += 1
+        _swap(g, nodes, swaps)
+    for g in graphs:   # elsewhere (the prefill): the fused MatMul, split back in three
+        nodes = list(g.node)
+        by_weight = {n.input[1]: n for n in nodes if n.op_type == "MatMulNBits"}
+        swaps = []
+        for key, stem in fused.items():
+            mm = [by_weight.get(w) for w in key]
+            if any(n is None for n in mm) or not fusable(mm):
+                continue
+            out = f"{stem}/g{graphs.index(g)}/qkv"
+            g.initializer.append(numpy_helper.from_array(
+                np.array([width(n) for n in mm], np.int64), out + "/split"))
+            swaps.append((mm, [matmul(mm, stem, out), helper.make_node(
+                "Split", [out, out + "/split"], [n.output[0] for n in mm],
+                name=out + "/Split", axis=-1)]))
+        _swap(g, nodes, swaps)
+    read = _reads(model.graph.node)
+    for t in [t for t in model.graph.initializer if t.name not in read]:
+        model.graph.initializer.remove(t)   # the three weights now packed into one
+    return layers
+
+
+def _fused_weights(model, inits, nodes, fused) -> str:
+    """The stem of ``nodes``' three weights (and scales) concatenated along N."""
+    key = tuple(n.input[1] for n in nodes)
+    if key not in fused:
+        stem = fused[key] = f"/lofid/qkv{len(fused)}"
+        for suffix, index in (("_B", 1), ("_scales", 2)):
+            joined = np.concatenate([numpy_helper.to_array(inits[n.input[index]])
+                                     for n in nodes])
+            model.graph.initializer.append(numpy_helper.from_array(joined, stem + suffix))
+            inits[stem + suffix] = model.graph.initializer[-1]
+    return fused[key]
+
+
+def _swap(graph: onnx.GraphProto, nodes: list, swaps: list) -> None:
+    """Rebuild ``graph``'s nodes from ``nodes`` (held, so that identities stay stable),
+    each group of old nodes in ``swaps`` replaced by its new ones where the first was."""
+    if not swaps:
+        return
+    at = {id(n): i for i, n in enumerate(nodes)}
+    first = {id(min(old, key=lambda n: at[id(n)])): new for old, new in swaps}
+    gone = {id(n) for old, _ in swaps for n in old}
+    order = []
+    for n in nodes:
+        order.extend(first.get(id(n), []) if id(n) in gone else [n])
+    order = [type(n).FromString(n.SerializeToString()) for n in order]
+    del graph.node[:]
+    graph.node.extend(order)
