@@ -69,6 +69,10 @@ _FILES = {
 
 # int4 is made on this machine from the int8 files (lofid/worker/nbits.py)
 _FILES["int4"] = _FILES["int8"]
+# A variant made on this machine is named in its model_version by what it is made into:
+# the same files rewritten another way make other audio, so other track ids (int4 with
+# its int8 KV cache, lofid/worker/kvquant.py)
+VERSION_LABEL = {"int4": "int4-kv8"}
 
 CONSENT_FILE = "download-consent.json"
 HASH_CACHE_FILE = "model-hashes.json"
@@ -94,7 +98,7 @@ class ModelLocation:
     root: Path | None  # folder in hub layout, None if not in the cache at all
     missing: list[str] = field(default_factory=list)  # hub-relative paths not under root
     revision: str | None = None  # hub commit, or "local-<hash>" for a model dir
-    model_version: str = ""  # f"{REPO}@{revision}/{variant}" or "local:<hash>/<variant>"
+    model_version: str = ""  # f"{REPO}@{revision}/{label}" or "local:<hash>/<label>" (_label)
 
     @property
     def complete(self) -> bool:
@@ -139,6 +143,10 @@ def locate(
     return _locate_hub(variant, files, hub_cache)
 
 
+def _label(variant: str) -> str:
+    return VERSION_LABEL.get(variant, variant)
+
+
 def _locate_hub(variant: str, files: list[str], hub_cache) -> ModelLocation:
     from huggingface_hub import try_to_load_from_cache
 
@@ -150,7 +158,7 @@ def _locate_hub(variant: str, files: list[str], hub_cache) -> ModelLocation:
     except OSError:
         pass
     if commit is None:
-        return ModelLocation(variant, None, list(files), None, f"{REPO}@{REVISION}/{variant}")
+        return ModelLocation(variant, None, list(files), None, f"{REPO}@{REVISION}/{_label(variant)}")
     missing = []
     for f in files:
         found = try_to_load_from_cache(REPO, f, cache_dir=str(cache), revision=commit)
@@ -163,7 +171,7 @@ def _locate_hub(variant: str, files: list[str], hub_cache) -> ModelLocation:
             missing.append(f)
     snap = storage / "snapshots" / commit
     root = snap if snap.is_dir() else None
-    return ModelLocation(variant, root, missing, commit, f"{REPO}@{commit}/{variant}")
+    return ModelLocation(variant, root, missing, commit, f"{REPO}@{commit}/{_label(variant)}")
 
 
 def _locate_local(variant: str, files: list[str], root: Path, hash_cache_dir) -> ModelLocation:
@@ -184,7 +192,7 @@ def _locate_local(variant: str, files: list[str], root: Path, hash_cache_dir) ->
             ) from e
     cache.save()
     h = digest.hexdigest()[:16]
-    return ModelLocation(variant, root, missing, f"local-{h}", f"local:{h}/{variant}")
+    return ModelLocation(variant, root, missing, f"local-{h}", f"local:{h}/{_label(variant)}")
 
 
 # In-process memo, shared by all _HashCache instances: {abs path: (key, sha256)}.
