@@ -186,8 +186,8 @@ def _guard(call: Callable[[], object]):
 _SHRINK_ARENA = ort.RunOptions()
 _SHRINK_ARENA.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 # bumped when a rewrite changes, so that graphs cached by an older lofid are rebuilt
-# (2: the int4 decoder's q/k/v in one MatMulNBits, nbits.fuse_qkv)
-REWRITE_VERSION = 2
+# (2: the int4 decoder's q/k/v in one MatMulNBits, nbits.fuse_qkv; 3: fixed step shapes)
+REWRITE_VERSION = 3
 KV_SEQLENS = "kv_seqlens_k"                 # int32 [batch]: total length - 1 per row
 KV_TOTAL = "kv_total_sequence_length"       # int32 scalar: past + new positions
 
@@ -245,8 +245,14 @@ def _release_heap() -> None:
 
 
 def share_kv_graph(model, heads: int, head_dim: int,
-                   kv_scales: dict[str, np.ndarray] | None = None) -> int:
+                   kv_scales: dict[str, np.ndarray] | None = None,
+                   step_rows: int | None = None) -> int:
     """Rewrite ``model`` (onnx ModelProto, split with-past or merged decoder) in place.
+
+    ``step_rows``: the rows of a step's ``input_ids`` (2 x codebooks: the CFG pair), each
+    one position long. The step graph reshapes its ids to that fixed shape, and
+    onnxruntime then folds the shape arithmetic the export derives from them (~400 of
+    the step branch's ~1150 nodes; bench/RESULTS.md).
 
     ``kv_scales`` (merged decoder only): ``present.<i>.decoder.key``/``.value`` -> its
     per-channel scale ``[heads * head_dim]``; the self-attention cache is then int8
@@ -382,6 +388,14 @@ def share_kv_graph(model, heads: int, head_dim: int,
                 drop.add(id(g))
                 add.append(helper.make_node("Identity", [pre + "/value"], [g.output[0]]))
                 replaced += 1
+    if step_rows:
+        pinned = "/lofid/kvshare/step_ids"
+        for n in [*nodes, *add, *length_nodes]:
+            n.input[:] = [pinned if x == "input_ids" else x for x in n.input]
+        target.initializer.append(numpy_helper.from_array(
+            np.array([step_rows, 1], np.int64), pinned + "/shape"))
+        length_nodes.insert(0, helper.make_node("Reshape", ["input_ids", pinned + "/shape"],
+                                                [pinned], name=pinned + "/Reshape"))
     add[:0] = length_nodes
     _prune(target, [n for n in nodes if id(n) not in drop] + add, outputs)
     graph.input.extend([
@@ -882,7 +896,13 @@ class MusicGen:
                 if not to_nbits(model, bits=nbits, block=NBITS_BLOCK):
                     raise ValueError("it has no int8 MatMuls")
             if share_kv:
-                layers = share_kv_graph(model, config.num_heads, config.head_dim, kv_scales)
+                # fixed step shapes in float32 graphs: in fp16 ones the fusions they
+                # allow round differently (codes parted from the exported graph's)
+                fp32 = any(i.name == "encoder_hidden_states" and
+                           i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+                           for i in model.graph.input)
+                layers = share_kv_graph(model, config.num_heads, config.head_dim, kv_scales,
+                                        step_rows=2 * config.num_codebooks if fp32 else None)
                 if nbits:
                     fuse_qkv(model)
             data = model.SerializeToString()
