@@ -3,12 +3,13 @@
 
     python bench/step_ab.py [--model /tmp/lofid-full] [--lengths 1,250,750,1500] [--rounds 5]
 
-Builds three int4 decoders from the int8 file in this process: the session 2 graph
-(float cache, q/k/v as three MatMulNBits), the same with q/k/v fused (nbits.fuse_qkv) and
-the shipped one (fused, int8 cache with scales calibrated as a first load does,
-kvquant.py). Each step rewrites the same cache position, so the length stays fixed;
-the decoders take turns round by round, so a busy minute hits all three. Prints the
-median ms per step per length and decoder, and checks that fusing changes no logit.
+Builds four int4 decoders from the int8 file in this process, each adding one rewrite:
+the session 2 graph (float cache, q/k/v as three MatMulNBits), q/k/v fused
+(nbits.fuse_qkv), the step's ids at a fixed shape (``share_kv_graph(step_rows=)``), and
+the int8 cache with scales calibrated as a first load does (kvquant.py): the shipped
+graph. Each step rewrites the same cache position, so the length stays fixed; the
+decoders take turns round by round, so a busy minute hits all of them. Prints the median
+ms per step per length and decoder, and checks that fusing changes no logit.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ from lofid.worker import musicgen as mg  # noqa: E402
 from lofid.worker.nbits import fuse_qkv, to_nbits  # noqa: E402
 
 
-def build(root: Path, config, threads: int, *, fuse: bool, scales=None) -> mg._Decoder:
+def build(root: Path, config, threads: int, *, fuse: bool, fixed: bool = False,
+          scales=None) -> mg._Decoder:
     model = onnx.load(str(root / "small_i8" / "decoder_model_merged.onnx"))
     to_nbits(model, bits=4, block=mg.NBITS_BLOCK)
-    mg.share_kv_graph(model, config.num_heads, config.head_dim, scales)
+    mg.share_kv_graph(model, config.num_heads, config.head_dim, scales,
+                      step_rows=2 * config.num_codebooks if fixed else None)
     if fuse:
         fuse_qkv(model)
     sess = ort.InferenceSession(model.SerializeToString(), mg.session_options(threads),
@@ -53,13 +56,14 @@ def main() -> int:
     engine = mg.MusicGen.load(root, "int8", threads=args.threads)   # text encoder, config
     config, k = engine.config, engine.num_codebooks
     decoders = {"session 2 (float cache, q/k/v apart)": build(root, config, args.threads, fuse=False),
-                "q/k/v fused": build(root, config, args.threads, fuse=True)}
-    engine.decoder = decoders["q/k/v fused"]
+                "q/k/v fused": build(root, config, args.threads, fuse=True),
+                "+ fixed step shapes": build(root, config, args.threads, fuse=True, fixed=True)}
+    engine.decoder = decoders["+ fixed step shapes"]
     calibration = kvquant.Calibration()
     for prompt in kvquant.PROMPTS:
         engine._calibration_run(prompt, calibration)
-    decoders["fused + int8 cache (shipped)"] = build(root, config, args.threads, fuse=True,
-                                                      scales=calibration.scales())
+    decoders["+ int8 cache (shipped)"] = build(root, config, args.threads, fuse=True, fixed=True,
+                                                scales=calibration.scales())
     hidden, mask = engine._encode_text("lofi hip hop, jazzy piano")
     rng = np.random.default_rng(0)
     prefill, ids = rng.integers(0, 2048, (2 * k, 9)), rng.integers(0, 2048, (2 * k, 1))
