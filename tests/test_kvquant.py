@@ -153,3 +153,26 @@ def test_fixed_step_shapes_let_onnxruntime_fold_the_shape_arithmetic(tmp_path):
     test_engine.py's test_shared_kv_buffers_match_the_exported_graph runs this graph)."""
     free, fixed = optimized_step_nodes(tmp_path, None), optimized_step_nodes(tmp_path, 8)
     assert fixed < 0.8 * free, (fixed, free)
+
+
+def test_a_failed_calibration_keeps_the_float_cache(tmp_path, monkeypatch):
+    """int4's first load calibrates; where that fails (here: NaN logits), the engine
+    still loads, on the float cache, and nothing int8 is cached."""
+    from lofid.errors import MODEL_INFERENCE_FAILED, LofiError
+
+    monkeypatch.setenv("LOFID_OPTIMIZED_DIR", str(tmp_path))
+
+    def nan_run(self, prompt, calibration):
+        raise LofiError(MODEL_INFERENCE_FAILED, "the decoder produced NaN/inf logits")
+
+    monkeypatch.setattr(MusicGen, "_calibration_run", nan_run)
+    m = MusicGen.load(MODEL, "int4", threads=1)
+    assert {m.decoder.past_dtype[n] for n in m.decoder.dec_names} == {np.float32}
+    assert not [p for p in tmp_path.iterdir() if "kv8" in p.name]
+    audio = m.generate("rain on the window", 2.0, seed=1)
+    assert audio.shape == (2 * 50 * 640,) and np.isfinite(audio).all()
+    monkeypatch.undo()                  # the next load calibrates and caches the int8 cache
+    monkeypatch.setenv("LOFID_OPTIMIZED_DIR", str(tmp_path))
+    again = MusicGen.load(MODEL, "int4", threads=1)
+    assert {again.decoder.past_dtype[n] for n in again.decoder.dec_names} == {np.int8}
+    assert [p for p in tmp_path.iterdir() if p.name.endswith("-kv8.onnx")]
