@@ -720,7 +720,10 @@ class MusicGen:
                      text_encoder=sessions["text_encoder"], decoder=decoder,
                      encodec=sessions["encodec"], device=device_used, threads=n_threads,
                      load_time_sec=0.0)
-        if calibrate and decoder.shared:
+        # only the engine holds the sessions now: its float-cache decoder can be freed
+        # before the int8-cache rewrite comes in (0.5 GB of the first load's peak)
+        del sessions, first, decoder
+        if calibrate and engine.decoder.shared:
             engine._quantize_kv_cache(spec["decoder"], nbits, choice.session_providers)
         engine.load_time_sec = time.perf_counter() - start
         return engine
