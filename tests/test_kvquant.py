@@ -133,26 +133,39 @@ def test_int8_cache_rewrite_refuses_what_it_cannot_do(calibrated):
                                                     np.zeros(HEADS * HEAD_DIM, np.float32)})
 
 
-def optimized_step_nodes(tmp_path: Path, step_rows: int | None) -> int:
-    """Nodes of the step branch after onnxruntime's optimizations."""
+def optimized_step(tmp_path: Path, step_rows: int | None):
+    """(the step branch after onnxruntime's optimizations, a decoder on it)."""
     import onnx
 
     model = onnx.load(str(MODEL / "small_i8" / "decoder_model_merged.onnx"))
     mg.share_kv_graph(model, HEADS, HEAD_DIM, step_rows=step_rows)
     opts = mg.session_options(1)
     opts.optimized_model_filepath = str(tmp_path / f"step{step_rows}.onnx")
-    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     saved = onnx.load(opts.optimized_model_filepath)
-    return len(next(a.g for n in saved.graph.node for a in n.attribute
-                    if a.name == "then_branch").node)
+    step = next(a.g for n in saved.graph.node for a in n.attribute if a.name == "then_branch")
+    return step, sess
 
 
-def test_fixed_step_shapes_let_onnxruntime_fold_the_shape_arithmetic(tmp_path):
-    """A step's ids reshaped to [2K, 1]: onnxruntime folds the Shape/Gather/Concat chains
-    the export derives from them (the codes stay those of the exported graph:
+def test_fixed_step_shapes_and_one_op_cross_attention(tmp_path, float_engine):
+    """A step's ids reshaped to [2K, 1] let onnxruntime fold the Shape/Gather/Concat
+    chains the export derives from them, and each cross-attention runs as one
+    MultiHeadAttention over the cached encoder keys/values: far fewer nodes, the same
+    logits to float rounding (and the exported graph's codes:
     test_engine.py's test_shared_kv_buffers_match_the_exported_graph runs this graph)."""
-    free, fixed = optimized_step_nodes(tmp_path, None), optimized_step_nodes(tmp_path, 8)
-    assert fixed < 0.8 * free, (fixed, free)
+    (free, free_sess), (fixed, fixed_sess) = (optimized_step(tmp_path, rows) for rows in (None, 8))
+    ops = [n.op_type for n in fixed.node]
+    assert ops.count("MultiHeadAttention") == 2 and "Softmax" not in ops
+    assert len(fixed.node) < 0.6 * len(free.node), (len(fixed.node), len(free.node))
+    hidden, mask = float_engine._encode_text(PROMPT)
+    ids = np.random.default_rng(4).integers(0, 2048, (8, 6))
+    logits = []
+    for sess in (free_sess, fixed_sess):
+        dec = mg._Decoder(sess, sess, float_engine.config)
+        dec.begin(ids[:, :1], hidden, mask, 8)
+        logits.append(np.stack([dec.step(ids[:, t:t + 1]) for t in range(1, 6)]))
+    np.testing.assert_allclose(logits[1], logits[0], rtol=0, atol=1e-5)
+    assert np.abs(logits[0]).max() > 0.1
 
 
 def test_a_failed_calibration_keeps_the_float_cache(tmp_path, monkeypatch):

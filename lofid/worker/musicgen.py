@@ -186,8 +186,9 @@ def _guard(call: Callable[[], object]):
 _SHRINK_ARENA = ort.RunOptions()
 _SHRINK_ARENA.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 # bumped when a rewrite changes, so that graphs cached by an older lofid are rebuilt
-# (2: the int4 decoder's q/k/v in one MatMulNBits, nbits.fuse_qkv; 3: fixed step shapes)
-REWRITE_VERSION = 3
+# (2: the int4 decoder's q/k/v in one MatMulNBits, nbits.fuse_qkv; 3: fixed step shapes;
+# 4: cross-attention on MultiHeadAttention)
+REWRITE_VERSION = 4
 KV_SEQLENS = "kv_seqlens_k"                 # int32 [batch]: total length - 1 per row
 KV_TOTAL = "kv_total_sequence_length"       # int32 scalar: past + new positions
 
@@ -249,10 +250,13 @@ def share_kv_graph(model, heads: int, head_dim: int,
                    step_rows: int | None = None) -> int:
     """Rewrite ``model`` (onnx ModelProto, split with-past or merged decoder) in place.
 
-    ``step_rows``: the rows of a step's ``input_ids`` (2 x codebooks: the CFG pair), each
-    one position long. The step graph reshapes its ids to that fixed shape, and
-    onnxruntime then folds the shape arithmetic the export derives from them (~400 of
-    the step branch's ~1150 nodes; bench/RESULTS.md).
+    ``step_rows`` (float32 graphs): the rows of a step's ``input_ids`` (2 x codebooks: the
+    CFG pair), each one position long. The step graph reshapes its ids to that fixed
+    shape, so that onnxruntime folds the shape arithmetic the export derives from them,
+    and runs each cross-attention as one MultiHeadAttention (``cross_attention``): the
+    step branch goes from ~1150 nodes to ~430 after onnxruntime's optimizations
+    (bench/RESULTS.md). Both move the float rounding a little (fused kernels), which
+    fp16 graphs do not take without changing their codes.
 
     ``kv_scales`` (merged decoder only): ``present.<i>.decoder.key``/``.value`` -> its
     per-channel scale ``[heads * head_dim]``; the self-attention cache is then int8
@@ -320,6 +324,50 @@ def share_kv_graph(model, heads: int, head_dim: int,
             raise ValueError(f"{name} is not a constant scalar")
         return float(np.asarray(consts[name]).reshape(-1)[0])
 
+    def cross_attention(i):
+        """Layer ``i``'s attention over the encoder keys/values (cached by the prefill) as
+        one com.microsoft.MultiHeadAttention, in place of the export's ~20 nodes
+        (reshapes, transposes, two MatMuls, the mask Add, Softmax, their shape arithmetic)."""
+        names = {f"past_key_values.{i}.encoder.{x}": None for x in ("key", "value")}
+        for cached in names:   # the export copies each through a one-input Concat
+            aliases = {cached} | {n.output[0] for n in nodes if n.op_type in ("Concat", "Identity")
+                                  and list(n.input) == [cached]}
+            for n in nodes:
+                n.input[:] = [cached if x in aliases else x for x in n.input]
+        ek, ev = names
+        tr_k = [n for n in consumers_of(ek) if n.op_type == "Transpose"]
+        if len(tr_k) != 1 or list(tr_k[0].attribute[0].ints) != [0, 1, 3, 2]:
+            raise ValueError(f"layer {i}: unexpected cross-attention keys")
+        mul_k = used_by(tr_k[0].output[0], "Mul")
+        qk = used_by(mul_k.output[0], "MatMul")
+        mul_q = made_by(qk.input[0], "Mul")
+        bias = used_by(qk.output[0], "Add")
+        soft = used_by(bias.output[0], "Softmax")
+        av = used_by(soft.output[0], "MatMul")
+        tr_o = used_by(av.output[0], "Transpose")
+        out = used_by(tr_o.output[0], "Reshape")
+        tr_q = made_by(mul_q.input[0], "Transpose")
+        reshape_q = made_by(tr_q.input[0], "Reshape")
+        if qk.input[1] != mul_k.output[0] or av.input[1] != ev or \
+                [list(t.attribute[0].ints) for t in (tr_q, tr_o)] != [[0, 2, 1, 3]] * 2:
+            raise ValueError(f"layer {i}: unexpected cross-attention")
+        drop.update(id(n) for n in (reshape_q, tr_q, mul_q, tr_k[0], mul_k, qk, bias, soft,
+                                    av, tr_o, out))
+        mask = next(x for x in bias.input if x != qk.output[0])   # [B, 1, 1, L] additive
+        cut = producers.get(mask)
+        if cut is not None and cut.op_type == "Slice" and len(cut.input) == 5 and \
+                [np.asarray(consts.get(x, np.nan)).reshape(-1).tolist()
+                 for x in (cut.input[1], cut.input[3], cut.input[4])] in ([[0], [3], [1]],
+                                                                          [[0], [-1], [1]]):
+            mask = cut.input[0]   # cut to the keys' length: the encoder's, the mask's own
+        return helper.make_node(
+            "MultiHeadAttention", [reshape_q.input[0], ek, ev, "", "", mask],
+            [out.output[0]], name=f"/lofid/cross/{i}/MultiHeadAttention", domain="com.microsoft",
+            num_heads=heads, scale=scalar(mul_q.input[1]) * scalar(mul_k.input[1]))
+
+    def consumers_of(name):
+        return [n for n in nodes if name in n.input]
+
     outputs = {o.name for o in target.output}
     layers = sorted(int(m.group(1)) for o in outputs
                     if (m := re.match(r"present\.(\d+)\.decoder\.key$", o)))
@@ -363,6 +411,8 @@ def share_kv_graph(model, heads: int, head_dim: int,
         add.append(helper.make_node("Transpose", [pre + "/bshd"], [av.output[0]],
                                     name=pre + "/Transpose", perm=[0, 2, 1, 3]))
         drop.update(id(n) for n in (cat_k, cat_v, tr_k, mul_k, qk, soft, av))
+        if step_rows:
+            add.append(cross_attention(i))
     # The past length (for the positions) was Shape(past)[2]: now total - new length.
     aliases = set(past)
     for n in nodes:
