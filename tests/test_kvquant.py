@@ -189,3 +189,23 @@ def test_a_failed_calibration_keeps_the_float_cache(tmp_path, monkeypatch):
     again = MusicGen.load(MODEL, "int4", threads=1)
     assert {again.decoder.past_dtype[n] for n in again.decoder.dec_names} == {np.int8}
     assert [p for p in tmp_path.iterdir() if p.name.endswith("-kv8.onnx")]
+
+
+def test_a_failed_int8_cache_rewrite_keeps_the_float_cache(tmp_path, monkeypatch):
+    """Calibrated, but the int8-cache rewrite fails (here: the prefill's quantization):
+    int4 loads on the float cache instead of failing."""
+    monkeypatch.setenv("LOFID_OPTIMIZED_DIR", str(tmp_path))
+
+    def broken(*args, **kwargs):
+        raise ValueError("no such output")
+
+    monkeypatch.setattr(kvquant, "quantize_prefill", broken)
+    m = MusicGen.load(MODEL, "int4", threads=1)
+    assert {m.decoder.past_dtype[n] for n in m.decoder.dec_names} == {np.float32}
+    assert not [p for p in tmp_path.iterdir() if "kv8" in p.name]
+    assert np.isfinite(m.generate("rain on the window", 1.0, seed=1)).all()
+    with pytest.raises(ValueError, match="divisible by 8"):
+        import onnx
+
+        model = onnx.load(str(MODEL / "small_i8" / "decoder_model_merged.onnx"))
+        mg.share_kv_graph(model, 4, 4, {})

@@ -286,6 +286,8 @@ def share_kv_graph(model, heads: int, head_dim: int,
         raise ValueError("no graph reads the decoder past")
     if kv_scales is not None and prefill is None:
         raise ValueError("an int8 KV cache needs the merged decoder")
+    if kv_scales is not None and head_dim % 8:   # GroupQueryAttention's quantized kernels
+        raise ValueError(f"an int8 KV cache needs a head size divisible by 8, not {head_dim}")
     # protobuf hands out fresh wrappers on each access: hold one list of the nodes so
     # that identities (id()) stay stable while the graph is edited
     nodes = list(target.node)
@@ -1010,9 +1012,15 @@ class MusicGen:
         float_kind = self._rewrite_kind(nbits, True)
         self.decoder = None   # its session: out of memory before the rewrite comes in
         _release_heap()
-        session = self._rewritten_session(self.root, rel, self.threads, providers, self.config,
-                                          nbits=nbits, kv_scales=calibration.scales())
-        if session is None:   # logged by _rewritten_session
+        try:
+            session = self._rewritten_session(self.root, rel, self.threads, providers,
+                                              self.config, nbits=nbits,
+                                              kv_scales=calibration.scales())
+        except LofiError as e:   # an nbits rewrite raises where the int8 cache fails
+            log.warning("cannot rewrite %s onto an int8 KV cache (%s): keeping the float "
+                        "cache", rel, e)
+            session = None
+        if session is None:   # logged above or by _rewritten_session
             session = self._rewritten_session(self.root, rel, self.threads, providers,
                                               self.config, nbits=nbits)
         else:
