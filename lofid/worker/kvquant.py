@@ -9,11 +9,12 @@ GroupQueryAttention can keep that cache in int8 with one static scale per channe
 [-128, 127]: a quarter of the bytes to read.
 
 The scales come from the model itself: at the first load of a variant that uses it,
-``calibrate`` runs ``FRAMES`` frames of each of ``PROMPTS`` with the float32 cache and
-takes every channel's largest magnitude, times ``HEADROOM`` for what other prompts and
-later positions reach (bench/RESULTS.md measures the share that saturates). The
-rewritten decoder keeps the scales as initializers and is cached like the other
-rewrites (musicgen.py), so later loads do not calibrate again.
+``MusicGen._quantize_kv_cache`` (musicgen.py) generates ``FRAMES`` frames of each of
+``PROMPTS`` with the float32 cache, and ``Calibration`` takes every channel's largest
+magnitude, times ``HEADROOM`` for what other prompts and later positions reach
+(bench/RESULTS.md measures the share that saturates). The rewritten decoder keeps the
+scales as initializers and is cached like the other rewrites, so later loads do not
+calibrate again.
 
 Only the int4 variant uses it (``musicgen.KV_INT8``): it is for users who put speed
 first, and a calibrated cache is one more approximation. int8 and fp32 keep the exact

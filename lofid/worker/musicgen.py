@@ -547,12 +547,11 @@ class _Decoder:
     def _value(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, 0)
 
-    def _bound_run(self, sess: ort.InferenceSession, inputs: dict, outputs: list[str],
-                   into: dict[str, ort.OrtValue] | None = None) -> list:
+    def _bound_run(self, sess: ort.InferenceSession, inputs: dict, outputs: list[str]) -> list:
         """Run through IOBinding: the KV cache stays in onnxruntime's OrtValues (on the
         device for CUDA) and is bound straight back as the next step's past, with no
-        copy into numpy and back. Only the logits are read out. ``into`` binds outputs
-        to existing OrtValues (the shared KV buffers)."""
+        copy into numpy and back. Only the logits are read out. (The shared decoder's
+        steps keep one binding instead: ``_bind_steps``.)"""
         binding = sess.io_binding()
         for name, value in inputs.items():
             if isinstance(value, ort.OrtValue):
@@ -560,10 +559,7 @@ class _Decoder:
             else:
                 binding.bind_cpu_input(name, value)
         for name in outputs:
-            if into and name in into:
-                binding.bind_ortvalue_output(name, into[name])
-            else:
-                binding.bind_output(name, self.device_type)
+            binding.bind_output(name, self.device_type)
         _guard(lambda: sess.run_with_iobinding(binding))
         return binding.get_outputs()
 
