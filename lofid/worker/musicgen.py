@@ -330,13 +330,12 @@ def share_kv_graph(model, heads: int, head_dim: int,
         """Layer ``i``'s attention over the encoder keys/values (cached by the prefill) as
         one com.microsoft.MultiHeadAttention, in place of the export's ~20 nodes
         (reshapes, transposes, two MatMuls, the mask Add, Softmax, their shape arithmetic)."""
-        names = {f"past_key_values.{i}.encoder.{x}": None for x in ("key", "value")}
-        for cached in names:   # the export copies each through a one-input Concat
+        ek, ev = (f"past_key_values.{i}.encoder.{x}" for x in ("key", "value"))
+        for cached in (ek, ev):   # the export copies each through a one-input Concat
             aliases = {cached} | {n.output[0] for n in nodes if n.op_type in ("Concat", "Identity")
                                   and list(n.input) == [cached]}
             for n in nodes:
                 n.input[:] = [cached if x in aliases else x for x in n.input]
-        ek, ev = names
         tr_k = [n for n in consumers_of(ek) if n.op_type == "Transpose"]
         if len(tr_k) != 1 or list(tr_k[0].attribute[0].ints) != [0, 1, 3, 2]:
             raise ValueError(f"layer {i}: unexpected cross-attention keys")
@@ -367,7 +366,7 @@ def share_kv_graph(model, heads: int, head_dim: int,
             [out.output[0]], name=f"/lofid/cross/{i}/MultiHeadAttention", domain="com.microsoft",
             num_heads=heads, scale=scalar(mul_q.input[1]) * scalar(mul_k.input[1]))
 
-    def consumers_of(name):
+    def consumers_of(name):   # read live: cross_attention rewires inputs after `consumers`
         return [n for n in nodes if name in n.input]
 
     outputs = {o.name for o in target.output}
