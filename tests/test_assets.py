@@ -380,7 +380,7 @@ def test_model_dir_used_as_is(tmp_path):
     # int4 is int8's files made into another model here: same files, another version
     int8, int4 = (assets.locate(v, md, hash_cache_dir=hc) for v in ("int8", "int4"))
     assert int8.revision == int4.revision and int8.model_version.endswith("/int8")
-    assert int4.model_version == int8.model_version.removesuffix("int8") + "int4-kv8"
+    assert int4.model_version == int8.model_version.removesuffix("int8") + "int4b256-kv8"
 
     # a changed file changes the revision
     f = md / "small_fp16/decoder_model.onnx"

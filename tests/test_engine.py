@@ -431,10 +431,10 @@ def test_int4_variant_is_the_int8_files_on_4bit_blocks(tmp_path, monkeypatch):
     m = MusicGen.load(MODEL, "int4", threads=1)
     assert (m.variant, m.device) == ("int4", "cpu") and m.decoder.shared
     assert {m.decoder.past_dtype[n] for n in m.decoder.dec_names} == {np.int8}
-    graphs = [p for p in tmp_path.iterdir() if p.name.endswith(".int4b128-kvshare-kv8.onnx")]
+    graphs = [p for p in tmp_path.iterdir() if p.name.endswith(".int4b256-kvshare-kv8.onnx")]
     assert len(graphs) == 1
     # the float-cache rewrite used for the calibration is gone from the cache
-    assert not [p for p in tmp_path.iterdir() if ".int4b128-kvshare.onnx" in p.name]
+    assert not [p for p in tmp_path.iterdir() if ".int4b256-kvshare.onnx" in p.name]
     ops = {n.op_type for g in (onnx.load(str(graphs[0]), load_external_data=False).graph,)
            for n in g.node}
     ops |= {x.op_type for n in onnx.load(str(graphs[0]), load_external_data=False).graph.node

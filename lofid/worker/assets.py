@@ -71,8 +71,9 @@ _FILES = {
 _FILES["int4"] = _FILES["int8"]
 # A variant made on this machine is named in its model_version by what it is made into:
 # the same files rewritten another way make other audio, so other track ids (int4 with
-# its int8 KV cache, lofid/worker/kvquant.py)
-VERSION_LABEL = {"int4": "int4-kv8"}
+# blocks of 256 with searched scales, lofid/worker/nbits.py, and its int8 KV cache,
+# lofid/worker/kvquant.py)
+VERSION_LABEL = {"int4": "int4b256-kv8"}
 
 CONSENT_FILE = "download-consent.json"
 HASH_CACHE_FILE = "model-hashes.json"

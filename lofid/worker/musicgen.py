@@ -60,7 +60,7 @@ VARIANT_DIRS: dict[str, tuple[str, str, str]] = {
 }
 # int4 is made here from the int8 files: their MatMuls requantized to 4-bit blocks (nbits.py)
 NBITS = {"int4": 4}
-NBITS_BLOCK = 128
+NBITS_BLOCK = 256
 # variants whose self-attention cache is int8, with calibrated scales (kvquant.py; CPU,
 # merged decoder): the speed-first variant only
 KV_INT8 = {"int4"}
@@ -187,8 +187,8 @@ _SHRINK_ARENA = ort.RunOptions()
 _SHRINK_ARENA.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 # bumped when a rewrite changes, so that graphs cached by an older lofid are rebuilt
 # (2: the int4 decoder's q/k/v in one MatMulNBits, nbits.fuse_qkv; 3: fixed step shapes;
-# 4: cross-attention on MultiHeadAttention)
-REWRITE_VERSION = 4
+# 4: cross-attention on MultiHeadAttention; 5: int4's blocks of 256 with searched scales)
+REWRITE_VERSION = 5
 KV_SEQLENS = "kv_seqlens_k"                 # int32 [batch]: total length - 1 per row
 KV_TOTAL = "kv_total_sequence_length"       # int32 scalar: past + new positions
 
