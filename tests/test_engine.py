@@ -78,6 +78,38 @@ def test_shared_kv_buffers_match_the_exported_graph(variant, form, tmp_path, mon
                                                              top_k=top_k), want)
 
 
+def test_first_load_stages_the_rewrite_on_disk_and_leaves_nothing(tmp_path, monkeypatch):
+    """The rewritten decoder reaches onnxruntime as a graph with its weights in a file
+    beside it (``_staged``; the first load's memory peak). The stage is gone after the
+    load, a crashed load's stage is removed by the next one, and where no stage can be
+    made the graph goes over in memory: the same codes either way."""
+    rel, kind = "small_i8/decoder_model_merged.onnx", MusicGen._rewrite_kind(None, True)
+    staged = []
+    real = MusicGen._staged
+
+    def spy(model, stage):
+        staged.append(real(model, stage))
+        return staged[-1]
+
+    monkeypatch.setattr(MusicGen, "_staged", staticmethod(spy))
+    monkeypatch.setenv("LOFID_OPTIMIZED_DIR", str(tmp_path / "disk"))
+    _, stem = MusicGen._cache_file(MODEL, rel, kind)
+    crashed = tmp_path / "disk" / f"{stem}.1-2.ort0-cpu-r1.{kind}.onnx.stage"
+    crashed.mkdir()
+    (crashed / "graph.data").write_bytes(b"\0" * 4096)
+    on_disk = MusicGen.load(MODEL, "int8", threads=1)
+    assert isinstance(staged[-1], str) and staged[-1].endswith("graph.onnx")
+    assert not list((tmp_path / "disk").glob("*.stage"))        # neither ours nor the crashed one
+    monkeypatch.setattr(MusicGen, "_staged",
+                        staticmethod(lambda model, stage: spy(model, Path("/proc/no/stage"))))
+    monkeypatch.setenv("LOFID_OPTIMIZED_DIR", str(tmp_path / "memory"))
+    in_memory = MusicGen.load(MODEL, "int8", threads=1)
+    assert isinstance(staged[-1], bytes)
+    assert on_disk.decoder.shared and in_memory.decoder.shared
+    np.testing.assert_array_equal(on_disk.generate_codes("rainy night jazz", 60, 5),
+                                  in_memory.generate_codes("rainy night jazz", 60, 5))
+
+
 def test_shared_kv_rewrite_refuses_an_unknown_graph(tmp_path, monkeypatch):
     """A graph the rewrite does not recognise runs as exported instead of failing."""
     import onnx
