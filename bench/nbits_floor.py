@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """The int4 step's 4-bit MatMuls alone: what MatMulNBits costs without the rest of the graph.
 
-    python bench/nbits_floor.py [--threads 2] [--rounds 3]
+    python bench/nbits_floor.py [--threads 2] [--rounds 3] [--block 128 256]
 
 One graph of the 24 decoder layers' weight MatMuls at musicgen-small's shapes (hidden
-1024, ffn 4096; batch 2 rows: the CFG pair), random 4-bit blocks of 128, accuracy level
-4 as lofid's int4 uses: q, k, v (apart, or fused as nbits.fuse_qkv makes them), out,
+1024, ffn 4096; batch 2 rows: the CFG pair), random 4-bit blocks of ``--block`` (lofid's,
+256, by default), accuracy level 4 as lofid's int4 uses: q, k, v (apart, or fused as nbits.fuse_qkv makes them), out,
 cross-attention q and out, fc1, fc2. Prints the median ms per run and the read bandwidth
 it reaches over the weights' bytes.
 """
@@ -15,26 +15,32 @@ from __future__ import annotations
 import argparse
 import time
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-BLOCK, LAYERS, HIDDEN, FFN = 128, 24, 1024, 4096
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lofid.worker.musicgen import NBITS_BLOCK  # noqa: E402
+
+LAYERS, HIDDEN, FFN = 24, 1024, 4096
 
 
-def build(fused: bool, threads: int) -> tuple[ort.InferenceSession, int]:
+def build(fused: bool, threads: int, block: int) -> tuple[ort.InferenceSession, int]:
     rng = np.random.default_rng(0)
     nodes, inits, size = [], [], 0
 
     def matmul(name: str, x: str, k: int, n: int) -> str:
         nonlocal size
-        b = rng.integers(0, 255, (n, k // BLOCK, BLOCK // 2), dtype=np.uint8)
-        s = rng.random(n * k // BLOCK, dtype=np.float32) * 0.01 + 0.001
+        b = rng.integers(0, 255, (n, k // block, block // 2), dtype=np.uint8)
+        s = rng.random(n * k // block, dtype=np.float32) * 0.01 + 0.001
         inits.extend([numpy_helper.from_array(b, name + "_B"), numpy_helper.from_array(s, name + "_S")])
         size += b.nbytes + s.nbytes
         nodes.append(helper.make_node("MatMulNBits", [x, name + "_B", name + "_S"], [name + "_y"],
                                       domain="com.microsoft", K=k, N=n, bits=4,
-                                      block_size=BLOCK, accuracy_level=4))
+                                      block_size=block, accuracy_level=4))
         return name + "_y"
 
     x = "x"
@@ -66,9 +72,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--block", type=int, nargs="+", default=[NBITS_BLOCK],
+                    help="block sizes to compare (e.g. 128 256)")
     args = ap.parse_args()
-    sessions = {name: build(name == "q/k/v fused", args.threads)
-                for name in ("q/k/v apart", "q/k/v fused")}
+    sessions = {f"{name}, blocks of {block}": build(name == "q/k/v fused", args.threads, block)
+                for block in args.block for name in ("q/k/v apart", "q/k/v fused")}
     x = np.random.default_rng(1).standard_normal((2, HIDDEN), dtype=np.float32)
     times: dict[str, list[float]] = {name: [] for name in sessions}
     for _ in range(args.rounds):
