@@ -188,8 +188,9 @@ _SHRINK_ARENA = ort.RunOptions()
 _SHRINK_ARENA.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 # bumped when a rewrite changes, so that graphs cached by an older lofid are rebuilt
 # (2: the int4 decoder's q/k/v in one MatMulNBits, nbits.fuse_qkv; 3: fixed step shapes;
-# 4: cross-attention on MultiHeadAttention; 5: int4's blocks of 256 with searched scales)
-REWRITE_VERSION = 5
+# 4: cross-attention on MultiHeadAttention). int4's cache name carries its block size
+# (``_rewrite_kind``), so its blocks of 256 with searched scales needed no bump.
+REWRITE_VERSION = 4
 KV_SEQLENS = "kv_seqlens_k"                 # int32 [batch]: total length - 1 per row
 KV_TOTAL = "kv_total_sequence_length"       # int32 scalar: past + new positions
 
