@@ -358,20 +358,29 @@ def test_unknown_variant():
     assert err.value.code == errors.INVALID_PARAMS
 
 
-def test_text_encoder_mapped_per_request_and_kv_buffers_freed(tmp_path, monkeypatch):
-    """On the CPU the text encoder is opened from its cached mapped copy for each request
-    (no resident session), and a generation leaves no KV buffers behind; the codes are
-    those of a resident text encoder."""
+def test_text_encoder_and_encodec_mapped_per_request_and_kv_buffers_freed(tmp_path,
+                                                                          monkeypatch):
+    """On the CPU the text encoder and EnCodec are opened from their cached mapped copies
+    for each request (no resident sessions), and a generation leaves no KV buffers
+    behind; codes and audio are those of resident sessions. A copy removed after the
+    load costs its request a whole load of the file, not the request."""
     monkeypatch.setenv("LOFID_OPTIMIZED_DIR", str(tmp_path))
     mapped = MusicGen.load(MODEL, "fp32", threads=1)
-    assert mapped.text_encoder is None
-    assert any(p.name.endswith(".mapped.onnx") for p in tmp_path.iterdir())
-    monkeypatch.setattr(MusicGen, "_mapped_session", classmethod(lambda cls, *a: None))
-    resident = MusicGen.load(MODEL, "fp32", threads=1)
-    assert resident.text_encoder is not None
+    assert mapped.text_encoder is None and mapped.encodec is None
+    assert len([p for p in tmp_path.iterdir() if p.name.endswith(".mapped.onnx")]) == 2
+    with monkeypatch.context() as m:
+        m.setattr(MusicGen, "_mapped_session", classmethod(lambda cls, *a: None))
+        resident = MusicGen.load(MODEL, "fp32", threads=1)
+    assert resident.text_encoder is not None and resident.encodec is not None
     want = resident.generate_codes("rainy night jazz", 40, 3)
     np.testing.assert_array_equal(mapped.generate_codes("rainy night jazz", 40, 3), want)
     assert mapped.decoder.cache == {} and mapped.decoder.length == 0
+    np.testing.assert_array_equal(mapped.decode_audio(want), resident.decode_audio(want))
+    for p in tmp_path.iterdir():
+        if ".mapped.onnx" in p.name:
+            p.unlink()
+    np.testing.assert_array_equal(mapped.generate("rainy night jazz", 0.8, 3),
+                                  resident.generate("rainy night jazz", 0.8, 3))
 
 
 def _length_arithmetic_graph():
@@ -444,7 +453,7 @@ def test_long_audio_decodes_in_chunks_close_to_one_run():
     m.encodec_chunk_frames, m.encodec_overlap_frames = 100, 10
     runs = []
     real_run = m._decode_run
-    m._decode_run = lambda c: runs.append(c.shape[-1]) or real_run(c)
+    m._decode_run = lambda c, session: runs.append(c.shape[-1]) or real_run(c, session)
     chunked = m.decode_audio(codes)
     assert runs == [110, 120, 120, 60]          # 4 chunks, each with its context
     assert chunked.shape == whole.shape == (350 * 640,)
@@ -497,7 +506,8 @@ def test_cached_graphs_of_a_removed_model_are_pruned(tmp_path, monkeypatch):
     assert len(theirs) >= 3 and len(ours) >= 3          # graphs, weights, a .source each
     assert {p.read_text() for p in theirs if p.suffix == ".source"} == {
         str((copy / "small_i8" / "decoder_model_merged.onnx").resolve()),
-        str((copy / "small_fp32" / "text_encoder.onnx").resolve())}
+        str((copy / "small_fp32" / "text_encoder.onnx").resolve()),
+        str((copy / "small_fp32" / "encodec_decode.onnx").resolve())}
     MusicGen.load(MODEL, "int8", threads=1)
     assert set(opt.iterdir()) == theirs | ours           # nothing removed while it exists
     shutil.rmtree(copy)

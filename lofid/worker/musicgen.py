@@ -653,7 +653,8 @@ class MusicGen:
     def __init__(self, *, root: Path, variant: str, config: ModelConfig,
                  tokenizer: Tokenizer,
                  text_encoder: ort.InferenceSession | Callable[[], ort.InferenceSession],
-                 decoder: _Decoder, encodec: ort.InferenceSession, device: str,
+                 decoder: _Decoder,
+                 encodec: ort.InferenceSession | Callable[[], ort.InferenceSession], device: str,
                  threads: int, load_time_sec: float) -> None:
         self.root, self.variant, self.config = root, variant, config
         self.tokenizer = tokenizer
@@ -662,7 +663,11 @@ class MusicGen:
         self.text_encoder = text_encoder if isinstance(text_encoder,
                                                        ort.InferenceSession) else None
         self._open_text_encoder = None if self.text_encoder is not None else text_encoder
-        self.decoder, self.encodec = decoder, encodec
+        self.decoder = decoder
+        # EnCodec likewise (CPU): mapped for a request's decode_audio only, so its weights
+        # (~170 MB resident) are not held beside the KV cache while the decoder runs
+        self.encodec = encodec if isinstance(encodec, ort.InferenceSession) else None
+        self._open_encodec = None if self.encodec is not None else encodec
         self.device, self.threads, self.load_time_sec = device, threads, load_time_sec
         self.provider = decoder.first.get_providers()[0]
         self.sample_rate = config.sample_rate
@@ -737,11 +742,11 @@ class MusicGen:
                     sessions[role] = cls._rewritten_session(root, rel, n_threads,
                                                             choice.session_providers, config,
                                                             share_kv=share_kv, nbits=nbits)
-            if role == "text_encoder" and choice.device == "cpu":
-                sessions[role] = cls._mapped_session(root, rel, cls._options(role, n_threads),
-                                                     choice.session_providers)
             if role == "encodec" and variant == "fp16":
                 sessions[role] = cls._upcast_session(root, rel, cls._options(role, n_threads),
+                                                     choice.session_providers)
+            elif role in ("text_encoder", "encodec") and choice.device == "cpu":
+                sessions[role] = cls._mapped_session(root, rel, cls._options(role, n_threads),
                                                      choice.session_providers)
             if role not in sessions or sessions[role] is None:
                 sessions[role] = cls._session(root, rel, cls._options(role, n_threads),
@@ -760,8 +765,12 @@ class MusicGen:
                             device=choice.device)
         try:
             decoder = _Decoder(first, sessions.get("decoder_with_past", first), config)
-            if "audio_codes" not in {i.name for i in sessions["encodec"].get_inputs()}:
+            encodec = sessions["encodec"]
+            if not isinstance(encodec, ort.InferenceSession):
+                encodec = encodec()   # the mapped copy: opened once here to check it
+            if "audio_codes" not in {i.name for i in encodec.get_inputs()}:
                 raise ValueError("EnCodec graph has no audio_codes input")
+            del encodec
         except (ValueError, KeyError) as e:
             raise LofiError(MODEL_LOAD_FAILED, f"unexpected model graph in {root}: {e}; "
                             f"{REPAIR}", variant=variant) from e
@@ -845,16 +854,24 @@ class MusicGen:
         (weights in a separate file, which onnxruntime maps instead of reading): ~10 ms
         and only the touched pages (the text encoder: ~0.33 GB of its 0.44 GB, the
         embedding rows of a prompt's tokens) against ~0.2-0.4 s and a copy of the whole
-        file. None where the copy cannot be written (the caller loads ``rel``)."""
+        file. None where the copy cannot be written (the caller loads ``rel``). Where the
+        copy is gone or damaged by the time of a request, that request loads ``rel``."""
         cache, stem = cls._cache_file(root, rel, "mapped")
 
         def open_cached() -> ort.InferenceSession:
             return ort.InferenceSession(str(cache), sess_options=opts, providers=providers)
 
+        def open_for_request() -> ort.InferenceSession:
+            try:
+                return open_cached()
+            except Exception as e:   # removed or damaged since the load
+                log.warning("cannot open %s (%s): loading %s whole", cache, e, rel)
+                return cls._session(root, rel, opts, providers)
+
         if cache.is_file():
             try:
                 open_cached()   # it opens: reuse it
-                return open_cached
+                return open_for_request
             except Exception as e:
                 log.warning("ignoring cached %s: %s", cache, e)
                 cache.unlink(missing_ok=True)
@@ -882,7 +899,7 @@ class MusicGen:
         except Exception as e:
             log.warning("cannot open %s just cached (%s): loading it whole", cache, e)
             return None
-        return open_cached
+        return open_for_request
 
     @staticmethod
     def _rewrite_kind(nbits: int | None, share_kv: bool, kv_int8: bool = False) -> str:
@@ -1200,14 +1217,15 @@ class MusicGen:
         moves the audio by little (bench/RESULTS.md).
         """
         frames, chunk = codes.shape[-1], self.encodec_chunk_frames
+        encodec = self.encodec or self._open_encodec()
         if frames <= chunk:
-            return self._decode_run(codes)
+            return self._decode_run(codes, encodec)
         hop, ov = self.hop_length, self.encodec_overlap_frames
         out = np.zeros(frames * hop, np.float32)
         fade = None
         for start in range(0, frames, chunk):
             lo, hi = max(0, start - ov), min(frames, start + chunk + ov)
-            piece = self._decode_run(codes[:, lo:hi])
+            piece = self._decode_run(codes[:, lo:hi], encodec)
             if start == 0:
                 out[:hi * hop] = piece
                 continue
@@ -1220,12 +1238,12 @@ class MusicGen:
             out[a + shared:hi * hop] = piece[shared:]
         return out
 
-    def _decode_run(self, codes: np.ndarray) -> np.ndarray:
+    def _decode_run(self, codes: np.ndarray, encodec: ort.InferenceSession) -> np.ndarray:
         """One EnCodec run. Its reflect padding needs a few frames: a shorter sequence
         is extended by repeating its last frame, and the extra samples are cut off."""
         short = MIN_DECODE_FRAMES - codes.shape[-1]
         padded = np.pad(codes, ((0, 0), (0, short)), mode="edge") if short > 0 else codes
-        (audio,) = _run(self.encodec, ["audio_values"], {"audio_codes": padded[None, None]},
+        (audio,) = _run(encodec, ["audio_values"], {"audio_codes": padded[None, None]},
                         _SHRINK_ARENA)
         audio = audio.astype(np.float32).reshape(-1)
         if not np.isfinite(audio).all():
