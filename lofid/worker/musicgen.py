@@ -1215,9 +1215,19 @@ class MusicGen:
         activations grow with the audio (~0.45 GB for 10 s, ~1.2 GB for 30 s, ~4.8 GB
         for 120 s in one run) and are the peak of a long request, while the chunks' join
         moves the audio by little (bench/RESULTS.md).
+
+        A request ends here, so the memory it freed goes back to the OS here
+        (``_release_heap``, 10–40 ms): the KV buffers came partly from the heap, and a
+        worker that rewrote the decoder on its first load kept ~300 MB of them between
+        requests.
         """
+        try:
+            return self._decode_audio(codes, self.encodec or self._open_encodec())
+        finally:
+            _release_heap()
+
+    def _decode_audio(self, codes: np.ndarray, encodec: ort.InferenceSession) -> np.ndarray:
         frames, chunk = codes.shape[-1], self.encodec_chunk_frames
-        encodec = self.encodec or self._open_encodec()
         if frames <= chunk:
             return self._decode_run(codes, encodec)
         hop, ov = self.hop_length, self.encodec_overlap_frames
