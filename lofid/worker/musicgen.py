@@ -217,8 +217,12 @@ def prune_optimized(directory: Path | None = None) -> int:
                 continue
             where = marker.name.removesuffix(".source")
             for stale in [*directory.glob(f"{where}-*"), marker]:
-                freed += stale.stat().st_size
-                stale.unlink()
+                if stale.is_dir():   # a crashed first load's stage (MusicGen._staged)
+                    freed += sum(f.stat().st_size for f in stale.iterdir())
+                    shutil.rmtree(stale)
+                else:
+                    freed += stale.stat().st_size
+                    stale.unlink()
         except OSError as e:
             log.info("cannot prune %s: %s", marker, e)
     return freed
