@@ -30,11 +30,14 @@ def lofictl(env, *args, timeout=60):
 
 
 def test_generate_starts_the_daemon_and_prints_the_path(env):
-    r = lofictl(env, "generate", "lofi hip hop, jazzy piano step=0.002", "--duration", "5", "--seed", "9")
+    # a model load that takes a while (the first load of a variant rewrites it) is shown
+    r = lofictl({**env, "LOFID_TEST_LOAD_SLEEP": "1.5"}, "generate", "lofi hip hop, jazzy piano step=0.002",
+                "--duration", "5", "--seed", "9")
     assert r.returncode == 0, r.stderr
     path = Path(r.stdout.strip())
     assert path.suffix == ".wav" and path.exists() and path.parent == Path(env["LOFID_CACHE_DIR"])
     assert "started lofid" in r.stderr and "generating" in r.stderr  # progress went to stderr
+    assert r.stderr.index("loading 0% the int8 model") < r.stderr.index("generating 0%")
     # the second call finds the running daemon and the cached track
     again = lofictl(env, "--json", "generate", "lofi hip hop, jazzy piano step=0.002", "--duration", "5",
                     "--seed", "9")

@@ -79,7 +79,7 @@ class Bar:
         self.quiet = quiet
         self.tty = sys.stderr.isatty()
         self.last_text = None
-        self.last_decile = -1
+        self.last_label, self.last_decile = None, -1
 
     def show(self, label: str, percent: float, extra: str = "") -> None:
         if self.quiet:
@@ -92,14 +92,14 @@ class Bar:
                 sys.stderr.write(text.ljust(78))
                 sys.stderr.flush()
                 self.last_text = text
-        elif int(percent // 10) != self.last_decile:
-            self.last_decile = int(percent // 10)
+        elif (label, int(percent // 10)) != (self.last_label, self.last_decile):
+            self.last_label, self.last_decile = label, int(percent // 10)
             print(f"{label} {percent:.0f}% {extra}".rstrip(), file=sys.stderr)
 
     def done(self) -> None:
         if not self.quiet and self.tty and self.last_text:
             sys.stderr.write("\n")
-        self.last_text, self.last_decile = None, -1
+        self.last_text, self.last_label, self.last_decile = None, None, -1
 
 
 def human_bytes(n: float | None) -> str:
@@ -148,6 +148,10 @@ def cmd_generate(args, settings) -> int:
             emit(args, r, r.get("path") or r["track_id"])
             return 0
         bar = Bar(args.json)
+        model = c.call("status").get("model") or {}
+        if model.get("state") in ("present", "loading"):   # the job waits for the model load
+            bar.show("loading", 0, f"the {model.get('variant', '')} model (the first load of "
+                     "a variant rewrites it: seconds, ~20 s for int4)")
 
         def on_event(method: str, p: dict) -> None:
             if method == "generation_progress":
