@@ -31,7 +31,7 @@ def lofictl(env, *args, timeout=60):
 
 def test_generate_starts_the_daemon_and_prints_the_path(env):
     # a model load that takes a while (the first load of a variant rewrites it) is shown
-    r = lofictl({**env, "LOFID_TEST_LOAD_SLEEP": "1.5"}, "generate", "lofi hip hop, jazzy piano step=0.002",
+    r = lofictl({**env, "LOFID_TEST_LOAD_SLEEP": "3"}, "generate", "lofi hip hop, jazzy piano step=0.002",
                 "--duration", "5", "--seed", "9")
     assert r.returncode == 0, r.stderr
     path = Path(r.stdout.strip())
