@@ -740,7 +740,7 @@ class MusicGen:
                 if kv_int8:   # calibrated before: the int8-cache graph is cached
                     sessions[role] = cls._cached_session(
                         root, rel, cls._rewrite_kind(nbits, share_kv, kv_int8=True),
-                        n_threads, choice.session_providers)
+                        session_options(n_threads), choice.session_providers)
                     calibrate = sessions[role] is None
                 if sessions.get(role) is None:
                     sessions[role] = cls._rewritten_session(root, rel, n_threads,
@@ -872,13 +872,8 @@ class MusicGen:
                 log.warning("cannot open %s (%s): loading %s whole", cache, e, rel)
                 return cls._session(root, rel, opts, providers)
 
-        if cache.is_file():
-            try:
-                open_cached()   # it opens: reuse it
-                return open_for_request
-            except Exception as e:
-                log.warning("ignoring cached %s: %s", cache, e)
-                cache.unlink(missing_ok=True)
+        if cls._cached_session(root, rel, "mapped", opts, providers) is not None:
+            return open_for_request   # it opens: reuse it
         save = ort.SessionOptions()
         save.intra_op_num_threads, save.log_severity_level = 1, 3
         save.graph_optimization_level = opts.graph_optimization_level
@@ -912,16 +907,15 @@ class MusicGen:
                         (["kvshare"] if share_kv else []) + (["kv8"] if kv_int8 else []))
 
     @classmethod
-    def _cached_session(cls, root: Path, rel: str, kind: str, threads: int,
+    def _cached_session(cls, root: Path, rel: str, kind: str, opts,
                         providers: list[str]) -> ort.InferenceSession | None:
-        """The cached rewrite ``kind`` of ``rel``; None where there is none (a damaged
-        one is removed)."""
+        """The cached copy ``kind`` of ``rel`` (a rewrite, or ``mapped``); None where there
+        is none (a damaged one is removed)."""
         cache, _ = cls._cache_file(root, rel, kind)
         if not cache.is_file():
             return None
         try:
-            return ort.InferenceSession(str(cache), sess_options=session_options(threads),
-                                        providers=providers)
+            return ort.InferenceSession(str(cache), sess_options=opts, providers=providers)
         except Exception as e:   # a damaged cache: rebuild it
             log.warning("ignoring cached %s: %s", cache, e)
             cache.unlink(missing_ok=True)
@@ -949,7 +943,7 @@ class MusicGen:
         src = (root / rel).resolve()
         kind = cls._rewrite_kind(nbits, share_kv, kv_int8=kv_scales is not None)
         cache, stem = cls._cache_file(root, rel, kind)
-        session = cls._cached_session(root, rel, kind, threads, providers)
+        session = cls._cached_session(root, rel, kind, session_options(threads), providers)
         if session is not None:
             return session
 
