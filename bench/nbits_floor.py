@@ -13,9 +13,8 @@ it reaches over the weights' bytes.
 from __future__ import annotations
 
 import argparse
-import time
-
 import sys
+import time
 from pathlib import Path
 
 import numpy as np

@@ -55,24 +55,26 @@ def _blocks(weight: np.ndarray, bits: int, block: int, chunk: int = 128
         base = np.where(peak == 0, np.float32(1), peak / np.float32(low))
         ww = np.einsum("ijk,ijk->ij", w, w)
         q = np.empty_like(w)
-
-        def levels(scale):   # w rounded onto ``scale``'s grid -> (sum w*q, sum q*q)
-            np.multiply(w, (1 / scale)[..., None], out=q)
-            np.clip(np.rint(q, out=q), low, high, out=q)
-            return np.einsum("ijk,ijk->ij", w, q), np.einsum("ijk,ijk->ij", q, q)
-
         best_err = np.full(base.shape, np.inf, np.float32)
         best_clip = np.ones(base.shape, np.float32)
         for clip in CLIPS:
-            wq, qq = levels(base * np.float32(clip))
+            wq, qq = _levels(w, base * np.float32(clip), low, high, q)
             err = ww - wq * wq / np.maximum(qq, 1)   # with the least-squares scale wq / qq
             better = err < best_err
             best_err[better], best_clip[better] = err[better], clip
-        wq, qq = levels(base * best_clip)
+        wq, qq = _levels(w, base * best_clip, low, high, q)
         scales[c0:c0 + cols] = np.where(qq > 0, wq / np.maximum(qq, 1), base)
         u = (q - low).astype(np.uint8)
         packed[c0:c0 + cols] = u if bits == 8 else u[..., 0::2] | (u[..., 1::2] << 4)
     return packed, scales.reshape(-1)
+
+
+def _levels(w: np.ndarray, scale: np.ndarray, low: int, high: int, q: np.ndarray):
+    """Blocks ``w`` [cols, blocks, block] rounded onto their ``scale``'s grid, into ``q``
+    -> (sum w*q, sum q*q) per block."""
+    np.multiply(w, (1 / scale)[..., None], out=q)
+    np.clip(np.rint(q, out=q), low, high, out=q)
+    return np.einsum("ijk,ijk->ij", w, q), np.einsum("ijk,ijk->ij", q, q)
 
 
 def _reads(nodes) -> set[str]:
