@@ -5,7 +5,8 @@
 
 Needs the full-size model from tools/make_full_model.py and, for the transformers
 contender, the tools venv (/tmp/toolsvenv, see tools/README.md). Writes
-bench/results.json and bench/last_run.md (the tables that go into bench/RESULTS.md).
+bench/results/latest.json and bench/results/latest.md (its tables); bench/README.md says
+how a run is kept.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+RESULTS = HERE / "results"
 WITH_PAST = {"fp32": "small_fp32/decoder_with_past_model.onnx",
              "fp16": "small_fp16/decoder_with_past_model.onnx",
              "int8": "small_i8/decoder_with_past_model.onnx"}
@@ -247,7 +249,8 @@ def main() -> None:
     info["loadavg_end"] = os.getloadavg()
     out = {"machine": info, "read_gbps": bw, "frames": frames, "threads": args.threads,
            "results": results, "long": long, "daemon": daemon, "quality": qual}
-    (HERE / "results.json").write_text(json.dumps(out, indent=1))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(out, indent=1))
     md = [f"Machine: {info['cpu']}, {info['cores']} cores, {info['mem_gib']:.0f} GiB, "
           f"onnxruntime {info['onnxruntime']}; load average at start "
           f"{info['loadavg_start'][0]:.2f}, at end {info['loadavg_end'][0]:.2f}; read "
@@ -262,7 +265,7 @@ def main() -> None:
         md += ["Through the daemon: " + json.dumps(daemon), ""]
     if qual:
         md += ["Greedy vs fp32: " + json.dumps(qual), ""]
-    (HERE / "last_run.md").write_text("\n".join(md))
+    (RESULTS / "latest.md").write_text("\n".join(md))
     print("\n".join(md))
 
 
