@@ -7,7 +7,7 @@ activations against per-tensor int8 weights. ``to_nbits`` replaces each such cha
 ``MatMulNBits(x, B, scales)`` (``com.microsoft``; weights in blocks of
 ``block_size`` along K, ``accuracy_level`` 4: int8 activations per block) holding
 the dequantized int8 weights requantized per block (symmetric, one scale per block,
-chosen by ``_blocks``'s search). ``bits=4`` (the int4 variant) halves the bytes a step
+chosen by ``pack_blocks``'s search). ``bits=4`` (the int4 variant) halves the bytes a step
 reads, at the cost of precision; ``bits=8`` was measured slower than
 ``DynamicQuantizeMatMul`` here (bench/RESULTS.md) and is kept for measuring.
 """
@@ -21,14 +21,13 @@ from onnx import helper, numpy_helper
 MS = "com.microsoft"
 
 
-# The clipping ranges ``_blocks`` tries per block, as shares of the block's peak. Blocks of
-# 256 searched this way stay closer to fp32 than plain peak-scaled blocks of 128
-# (teacher-forced KL 0.058 against 0.062), and their MatMuls run 14 % faster
-# (bench/RESULTS.md).
+# The clipping ranges ``pack_blocks`` tries per block, as shares of the block's peak. Blocks of
+# 256 searched this way stay closer to fp32 than plain peak-scaled blocks of 128, and
+# their MatMuls run faster (bench/RESULTS.md).
 CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8)
 
 
-def _blocks(weight: np.ndarray, bits: int, block: int, chunk: int = 128
+def pack_blocks(weight: np.ndarray, bits: int, block: int, chunk: int = 128
             ) -> tuple[np.ndarray, np.ndarray]:
     """``weight`` [K, N] float32 -> (B [N, K/block, block*bits/8] uint8, scales [N*K/block])
     as MatMulNBits reads them: blocks along K, two 4-bit values per byte (low nibble
@@ -143,7 +142,7 @@ def to_nbits(model: onnx.ModelProto, bits: int = 4, block: int = 256,
             stem = packed_as.get(key)
             if stem is None:
                 weight = (w.astype(np.float32) - w_zp.astype(np.float32)) * w_scale.astype(np.float32)
-                packed, scales = _blocks(weight, bits, block)
+                packed, scales = pack_blocks(weight, bits, block)
                 stem = packed_as[key] = f"{mmi.input[1]}_nbits{len(packed_as)}"
                 added.extend([numpy_helper.from_array(packed, stem + "_B"),
                               numpy_helper.from_array(scales, stem + "_scales")])
@@ -189,7 +188,7 @@ def _graphs(graph: onnx.GraphProto):
 
 
 def fuse_qkv(model: onnx.ModelProto) -> int:
-    """After ``to_nbits`` and ``musicgen.share_kv_graph``: every GroupQueryAttention whose
+    """After ``to_nbits`` and ``kvshare.share_kv_graph``: every GroupQueryAttention whose
     query, key and value are three MatMulNBits of one input gets them as one MatMulNBits
     of three times the width, the packed QKV GroupQueryAttention reads when its key and
     value inputs are empty: one call and one activation quantization instead of three
