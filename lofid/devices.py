@@ -1,7 +1,7 @@
 """Device names, and the broker's guess of what ``auto`` resolves to.
 
 No onnxruntime here (the broker imports it to pick the default variant); the worker's
-lofid/worker/device.py maps the names onto onnxruntime's execution providers.
+worker/device.py maps the names onto onnxruntime's execution providers.
 """
 
 from __future__ import annotations
