@@ -161,7 +161,7 @@ def test_full_download_with_progress_then_locate(hub, home, served):
     assert len(hub.requests) == n
 
 
-def test_remote_files_sizes(hub, home, served):
+def test_remote_info_sizes(hub, home, served):
     res, _ = run(hub, home, op="remote", variant="int8")
     assert res["ok"] == [[f, (served / f).stat().st_size] for f in variants.hub_files("int8")]
 

@@ -9,17 +9,13 @@ written in place; its steps run through one IOBinding made per sequence.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import onnxruntime as ort
 
 from lofid.errors import MODEL_INFERENCE_FAILED, LofiError
 from lofid.worker.graphs.kvshare import KV_SEQLENS, KV_TOTAL, PAST
+from lofid.worker.model_config import ModelConfig
 from lofid.worker.sessions import guard
-
-if TYPE_CHECKING:
-    from lofid.worker.musicgen import ModelConfig
 
 NP_TYPE = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 

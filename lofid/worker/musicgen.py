@@ -22,12 +22,9 @@ EnCodec decode (``decode_audio``).
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +45,7 @@ from lofid.worker import delay, sessions
 from lofid.worker.decoder import Decoder, present_name
 from lofid.worker.device import INSTALL_HINT, PROVIDER, DeviceChoice, resolve_threads, select
 from lofid.worker.graphs import cache, kvquant
+from lofid.worker.model_config import ModelConfig
 from lofid.worker.sampling import SamplingParams, guide, sample
 from lofid.worker.sessions import REPAIR
 
@@ -75,42 +73,6 @@ def plan_windows(frames: int, window: int, stride: int) -> list[tuple[int, int, 
         plans.append((offset, primed, length))
         primed, offset = length - stride, offset + stride
     return plans
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """What the engine reads from ``small/config.json``."""
-
-    num_codebooks: int
-    pad_token_id: int
-    max_positions: int
-    num_heads: int
-    head_dim: int
-    sample_rate: int
-    hop_length: int
-
-    @property
-    def frame_rate(self) -> int:
-        return math.ceil(self.sample_rate / self.hop_length)
-
-    @classmethod
-    def from_file(cls, path: Path) -> ModelConfig:
-        try:
-            cfg = json.loads(path.read_text())
-            dec, audio = cfg["decoder"], cfg["audio_encoder"]
-            heads = int(dec["num_attention_heads"])
-            return cls(
-                num_codebooks=int(dec["num_codebooks"]),
-                pad_token_id=int(dec["pad_token_id"]),
-                max_positions=int(dec["max_position_embeddings"]),
-                num_heads=heads,
-                head_dim=int(dec["hidden_size"]) // heads,
-                sample_rate=int(audio["sampling_rate"]),
-                hop_length=int(np.prod(audio["upsampling_ratios"])),
-            )
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise LofiError(MODEL_LOAD_FAILED, f"cannot read {path}: {e}; {REPAIR}",
-                            file=str(path)) from e
 
 
 class StepCounter:

@@ -29,6 +29,7 @@ import onnxruntime as ort
 from lofid import variants
 from lofid.errors import MODEL_LOAD_FAILED, LofiError
 from lofid.worker import sessions
+from lofid.worker.model_config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -203,14 +204,13 @@ def mapped_session(root: Path, rel: str, opts, providers: list
     return open_for_request
 
 
-def rewritten_session(root: Path, rel: str, threads: int, providers: list, config, *,
+def rewritten_session(root: Path, rel: str, threads: int, providers: list, config: ModelConfig, *,
                       share_kv: bool = True, nbits: int | None = None,
                       kv_scales: dict[str, np.ndarray] | None = None
                       ) -> ort.InferenceSession | None:
     """The decoder ``rel`` rewritten (rewrite.py): its MatMuls onto ``nbits``-bit blocks
     (required: failing raises MODEL_LOAD_FAILED) and/or its self-attention onto shared
     KV buffers (optional: None where it does not apply), int8 ones with ``kv_scales``.
-    ``config``: the model's ``ModelConfig``.
 
     The first load rewrites the graph (needs the ``onnx`` package) and saves
     onnxruntime's optimized result under ``optimized_dir()``: the graph in

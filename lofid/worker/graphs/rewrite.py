@@ -16,14 +16,15 @@ import onnx
 from lofid import variants
 from lofid.worker.graphs.kvshare import share_kv_graph
 from lofid.worker.graphs.nbits import fuse_qkv, to_nbits
+from lofid.worker.model_config import ModelConfig
 
 
-def rewrite_decoder(src: Path, config, *, share_kv: bool, nbits: int | None,
+def rewrite_decoder(src: Path, config: ModelConfig, *, share_kv: bool, nbits: int | None,
                     kv_scales: dict[str, np.ndarray] | None) -> tuple[onnx.ModelProto, int]:
-    """Load the decoder graph ``src`` and rewrite it; ``config``: the model's
-    ``ModelConfig`` (heads, head size, codebooks). -> (the rewritten model, the number of
-    self-attention layers on shared buffers). Raises ValueError (or onnx's errors) where
-    the graph is not what the rewrites expect."""
+    """Load the decoder graph ``src`` and rewrite it for the model ``config`` (heads, head
+    size, codebooks). -> (the rewritten model, the number of self-attention layers on
+    shared buffers). Raises ValueError (or onnx's errors) where the graph is not what
+    the rewrites expect."""
     model = onnx.load(str(src))
     layers = 0
     if nbits:
