@@ -20,7 +20,7 @@ def likely_auto_device() -> str:
     the CPU.
 
     It looks for the distribution's metadata folder on ``sys.path`` itself: importing
-    importlib.metadata would cost the broker ~1.7 MB."""
+    importlib.metadata would cost the broker more memory than the guess is worth."""
     for entry in sys.path:
         try:
             names = os.listdir(entry or ".")
