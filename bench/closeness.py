@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import lofid.worker.musicgen as mg  # noqa: E402
-import lofid.worker.nbits as nbits  # noqa: E402
+from lofid import variants  # noqa: E402
+from lofid.worker.graphs import nbits  # noqa: E402
 from lofid.worker.musicgen import MusicGen  # noqa: E402
 
 PROMPT = "lofi hip hop beat with soft piano"
@@ -77,7 +78,7 @@ def main() -> int:
     for variant in args.int4 or ("fp16", "int8", "int4"):
         if args.int4:   # an int4 made another way, in a cache of its own
             block, scales = variant.split(":")
-            mg.NBITS_BLOCK = int(block)
+            variants.NBITS_BLOCK = int(block)
             nbits.CLIPS = (1.0,) if scales == "peak" else CLIPS
             os.environ["LOFID_OPTIMIZED_DIR"] = tempfile.mkdtemp(prefix="lofid-closeness-")
         engine = MusicGen.load(root, "int4" if args.int4 else variant, threads=args.threads)

@@ -31,7 +31,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "clients" / "cli")]
 
-from lofid.worker import musicgen as mg  # noqa: E402
+from lofid.worker import sessions as engine_sessions  # noqa: E402
 from lofid.worker.device import select  # noqa: E402
 from lofid.worker.musicgen import MusicGen  # noqa: E402
 
@@ -49,7 +49,7 @@ def profiled_options(threads: int):
     return opts
 
 
-_plain_options = mg.session_options
+_plain_options = engine_sessions.session_options
 
 
 def placement(sessions: dict) -> dict:
@@ -86,11 +86,11 @@ def ms_per_step(m: MusicGen, frames: int) -> float:
 
 def check_variant(variant: str, cpu: MusicGen) -> dict:
     r: dict = {"variant": variant}
-    mg.session_options = profiled_options
+    engine_sessions.session_options = profiled_options
     try:
         m = MusicGen.load(MODEL, variant, device=DEVICE, threads=2)
     finally:
-        mg.session_options = _plain_options
+        engine_sessions.session_options = _plain_options
     r["provider"], r["device"], r["load_s"] = m.provider, m.device, round(m.load_time_sec, 3)
     r["session_providers"] = m.decoder.first.get_providers()
     r["cuda_options"] = {k: v for k, v in m.decoder.first.get_provider_options().get(

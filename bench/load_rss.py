@@ -33,10 +33,11 @@ def mem() -> dict:
 
 def child(args) -> None:
     sys.path.insert(0, str(ROOT))
-    from lofid.worker.musicgen import MusicGen, engine_file_roles
+    from lofid import variants
+    from lofid.worker.musicgen import MusicGen
 
     root = args.model / "music_gen"
-    files = sum((root / f).stat().st_size for f in engine_file_roles(args.variant).values())
+    files = sum((root / f).stat().st_size for f in variants.file_roles(args.variant).values())
     eng = MusicGen.load(root, args.variant, threads=2)
     out = {"files_mb": files / 2**20, "load_s": eng.load_time_sec, "after_load": mem(),
            "requests": []}

@@ -22,7 +22,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lofid.worker.musicgen import NBITS_BLOCK  # noqa: E402
+from lofid.variants import NBITS_BLOCK  # noqa: E402
 
 LAYERS, HIDDEN, FFN = 24, 1024, 4096
 

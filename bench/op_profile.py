@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lofid.worker import musicgen as mg  # noqa: E402
+from lofid.worker import sessions  # noqa: E402
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--noshare", action="store_true")
     args = ap.parse_args()
-    base = mg.session_options
+    base = sessions.session_options
 
     def profiled(threads):
         opts = base(threads)
@@ -39,7 +40,7 @@ def main() -> None:
         opts.profile_file_prefix = f"/tmp/lofid-profile-{args.variant}"
         return opts
 
-    mg.session_options = profiled
+    sessions.session_options = profiled
     numpy_s = collections.Counter()
     for name in ("guide", "sample"):
         fn = getattr(mg, name)

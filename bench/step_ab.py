@@ -27,22 +27,26 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lofid.worker import kvquant  # noqa: E402
-from lofid.worker import musicgen as mg  # noqa: E402
-from lofid.worker.nbits import fuse_qkv, to_nbits  # noqa: E402
+from lofid import variants  # noqa: E402
+from lofid.worker import sessions  # noqa: E402
+from lofid.worker.decoder import Decoder  # noqa: E402
+from lofid.worker.graphs import kvquant  # noqa: E402
+from lofid.worker.graphs.kvshare import share_kv_graph  # noqa: E402
+from lofid.worker.graphs.nbits import fuse_qkv, to_nbits  # noqa: E402
+from lofid.worker.musicgen import MusicGen  # noqa: E402
 
 
 def build(root: Path, config, threads: int, *, fuse: bool, fixed: bool = False,
-          scales=None) -> mg._Decoder:
+          scales=None) -> Decoder:
     model = onnx.load(str(root / "small_i8" / "decoder_model_merged.onnx"))
-    to_nbits(model, bits=4, block=mg.NBITS_BLOCK)
-    mg.share_kv_graph(model, config.num_heads, config.head_dim, scales,
-                      step_rows=2 * config.num_codebooks if fixed else None)
+    to_nbits(model, bits=4, block=variants.NBITS_BLOCK)
+    share_kv_graph(model, config.num_heads, config.head_dim, scales,
+                   step_rows=2 * config.num_codebooks if fixed else None)
     if fuse:
         fuse_qkv(model)
-    sess = ort.InferenceSession(model.SerializeToString(), mg.session_options(threads),
+    sess = ort.InferenceSession(model.SerializeToString(), sessions.options("decoder", threads),
                                 providers=["CPUExecutionProvider"])
-    return mg._Decoder(sess, sess, config)
+    return Decoder(sess, sess, config)
 
 
 def main() -> int:
@@ -54,7 +58,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=30)
     args = ap.parse_args()
     root = args.model / "music_gen"
-    engine = mg.MusicGen.load(root, "int8", threads=args.threads)   # text encoder, config
+    engine = MusicGen.load(root, "int8", threads=args.threads)   # text encoder, config
     config, k = engine.config, engine.num_codebooks
     decoders = {"session 2 (float cache, q/k/v apart)": build(root, config, args.threads, fuse=False),
                 "q/k/v fused": build(root, config, args.threads, fuse=True),
@@ -63,10 +67,10 @@ def main() -> int:
     engine.decoder = decoders["+ fixed shapes, cross-attention op"]
     calibration = kvquant.Calibration()
     for prompt in kvquant.PROMPTS:
-        engine._calibration_run(prompt, calibration)
+        engine.calibration_run(prompt, calibration)
     decoders["+ int8 cache (shipped)"] = build(root, config, args.threads, fuse=True, fixed=True,
                                                 scales=calibration.scales())
-    hidden, mask = engine._encode_text("lofi hip hop, jazzy piano")
+    hidden, mask = engine.encode_text("lofi hip hop, jazzy piano")
     rng = np.random.default_rng(0)
     prefill, ids = rng.integers(0, 2048, (2 * k, 9)), rng.integers(0, 2048, (2 * k, 1))
     a, b = (decoders[n] for n in ("session 2 (float cache, q/k/v apart)", "q/k/v fused"))

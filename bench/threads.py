@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lofid.worker import musicgen as mg  # noqa: E402
+from lofid.worker import sessions  # noqa: E402
 
 
 def main() -> None:
@@ -27,7 +28,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=200)
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
-    base = mg.session_options
+    base = sessions.session_options
     engines = {}
     for threads in (1, 2):
         for spin in ("1", "0"):
@@ -35,7 +36,7 @@ def main() -> None:
                 o = base(n)
                 o.add_session_config_entry("session.intra_op.allow_spinning", _spin)
                 return o
-            mg.session_options = opts
+            sessions.session_options = opts
             engines[(threads, spin)] = mg.MusicGen.load(args.model / "music_gen", args.variant,
                                                         threads=threads)
     res = {k: [] for k in engines}

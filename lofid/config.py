@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lofid import paths
+from lofid import paths, variants
+from lofid.devices import DEVICES
 
-VARIANTS = ("fp32", "fp16", "int8", "int4")
-DEVICES = ("auto", "cpu", "cuda", "metal")
+VARIANTS = variants.NAMES
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -144,20 +144,8 @@ def _convert(key: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: invalid value {value!r} for {key!r}: {e}") from None
 
 
-def default_variant(device: str) -> str:
-    """int8 on the CPU: measured 2.5x faster than fp16 and 3x faster than fp32 there, with the
-    least memory (bench/RESULTS.md); onnxruntime has no fp16 CPU kernels. fp16 on a GPU: its
-    CUDA provider runs int8's quantized MatMuls on the CPU (seen on an H200). ``auto``
-    takes the variant of the device it will most likely resolve to."""
-    if device == "auto":
-        from lofid.worker.device import likely_auto_device
-
-        device = likely_auto_device()
-    return "fp16" if device in ("cuda", "metal") else "int8"
-
-
 def _defaults_for_paths(values: dict[str, Any]) -> None:
-    values["variant"] = values["variant"] or default_variant(values["device"])
+    values["variant"] = values["variant"] or variants.default_variant(values["device"])
     values["socket"] = values["socket"] or paths.default_socket()
     values["cache_dir"] = values["cache_dir"] or paths.default_cache_dir()
     values["state_dir"] = values["state_dir"] or paths.default_state_dir()
@@ -212,8 +200,8 @@ def load_with_sources(flags: Mapping[str, Any] | None = None,
             values[key] = _convert(key, value, flag)
             sources[key] = "flag " + flag
     _defaults_for_paths(values)
-    if values["variant"] == "int4" and values["device"] in ("cuda", "metal"):
-        raise ConfigError(f"variant 'int4' ({sources['variant']}) runs on the CPU only, not "
+    if variants.get(values["variant"]).cpu_only and values["device"] in ("cuda", "metal"):
+        raise ConfigError(f"variant {values['variant']!r} ({sources['variant']}) runs on the CPU only, not "
                           f"on device {values['device']!r} ({sources['device']}); use fp16 there")
     return Settings(**values), sources
 

@@ -19,9 +19,9 @@ SCRIPTED_ENGINE = "engines:ScriptedEngine"
 
 def make_fake_model(root: Path, variants: tuple[str, ...] = ("fp32", "fp16", "int8")) -> Path:
     """Placeholder files in the hub layout, for the scripted engine (it reads none of them)."""
-    from lofid.worker import assets
+    from lofid.variants import hub_files
 
-    for rel in {rel for variant in variants for rel in assets.variant_files(variant)}:
+    for rel in {rel for variant in variants for rel in hub_files(variant)}:
         p = root / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"placeholder " + rel.encode())

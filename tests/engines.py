@@ -12,7 +12,7 @@ Directives in the prompt (anything else is plain text):
   wslow=SECONDS  the WAV write's fsync waits SECONDS first (once): a window in which the
                  temporary file exists and the final name does not, to kill the worker in
 It loads through the same worker code path as the real engine (files located by
-lofid.worker.assets first), and returns deterministic audio from the seed.
+lofid.models first), and returns deterministic audio from the seed.
 """
 
 from __future__ import annotations

@@ -57,7 +57,8 @@ LFS_SUFFIXES = (".onnx", ".onnx_data", ".bin", ".safetensors", ".pt", ".wav")
 _API = "/api"  # key of the API fault in the fail table
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "music_gen"
 
-# every file of every variant, for write_random_model (mirrors lofid.worker.assets)
+# every file of every variant, for write_random_model (the hub's layout; lofid/variants.py
+# says which files each variant takes)
 ALL_FILES = (
     "small/config.json",
     "small/tokenizer.json",

@@ -7,7 +7,7 @@ import os
 import onnxruntime as ort
 import pytest
 
-from lofid import config, errors
+from lofid import config, devices, errors, variants
 from lofid.errors import LofiError
 from lofid.worker import device
 from lofid.worker.device import select
@@ -90,12 +90,12 @@ def _install_fake_distribution(path, name: str) -> None:
 
 def test_auto_guesses_cuda_where_the_gpu_build_is_installed(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.platform", "linux")
-    assert device.likely_auto_device() == "cpu"
-    assert config.default_variant("auto") == "int8"
+    assert devices.likely_auto_device() == "cpu"
+    assert variants.default_variant("auto") == "int8"
     _install_fake_distribution(tmp_path, "onnxruntime-gpu")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert device.likely_auto_device() == "cuda"
-    assert config.default_variant("auto") == "fp16"
+    assert devices.likely_auto_device() == "cuda"
+    assert variants.default_variant("auto") == "fp16"
     assert config.load({}, environ={}).variant == "fp16"
     assert config.load({"device": "cpu"}, environ={}).variant == "int8"
 
@@ -103,5 +103,5 @@ def test_auto_guesses_cuda_where_the_gpu_build_is_installed(tmp_path, monkeypatc
 def test_auto_guesses_metal_on_apple_silicon(monkeypatch):
     monkeypatch.setattr("sys.platform", "darwin")
     monkeypatch.setattr("os.uname", lambda: os.uname_result(("Darwin", "mac", "23.0", "", "arm64")))
-    assert device.likely_auto_device() == "metal"
-    assert config.default_variant("auto") == "fp16"
+    assert devices.likely_auto_device() == "metal"
+    assert variants.default_variant("auto") == "fp16"

@@ -20,8 +20,10 @@ import pytest
 
 from lofid import errors
 from lofid.errors import LofiError
-from lofid.worker import musicgen as mg
-from lofid.worker.musicgen import MusicGen, plan_windows
+from lofid.worker.graphs import cache
+from lofid.worker.graphs.kvshare import share_kv_graph
+from lofid.worker.musicgen import MusicGen, StepCounter, plan_windows
+from lofid.worker.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "tests" / "fixtures" / "music_gen"
@@ -80,28 +82,27 @@ def test_shared_kv_buffers_match_the_exported_graph(variant, form, tmp_path, mon
 
 def test_first_load_stages_the_rewrite_on_disk_and_leaves_nothing(tmp_path, monkeypatch):
     """The rewritten decoder reaches onnxruntime as a graph with its weights in a file
-    beside it (``_staged``; the first load's memory peak). The stage is gone after the
+    beside it (``cache.stage``; the first load's memory peak). The stage is gone after the
     load, a crashed load's stage is removed by the next one, and where no stage can be
     made the graph goes over in memory: the same codes either way."""
-    rel, kind = "small_i8/decoder_model_merged.onnx", MusicGen._rewrite_kind(None, True)
+    rel, kind = "small_i8/decoder_model_merged.onnx", cache.rewrite_kind(None, True)
     staged = []
-    real = MusicGen._staged
+    real = cache.stage
 
     def spy(model, stage):
         staged.append(real(model, stage))
         return staged[-1]
 
-    monkeypatch.setattr(MusicGen, "_staged", staticmethod(spy))
+    monkeypatch.setattr(cache, "stage", spy)
     monkeypatch.setenv("LOFID_OPTIMIZED_DIR", str(tmp_path / "disk"))
-    _, stem = MusicGen._cache_file(MODEL, rel, kind)
+    _, stem = cache.cache_file(MODEL, rel, kind)
     crashed = tmp_path / "disk" / f"{stem}.1-2.ort0-cpu-r1.{kind}.onnx.stage"
     crashed.mkdir()
     (crashed / "graph.data").write_bytes(b"\0" * 4096)
     on_disk = MusicGen.load(MODEL, "int8", threads=1)
     assert isinstance(staged[-1], str) and staged[-1].endswith("graph.onnx")
     assert not list((tmp_path / "disk").glob("*.stage"))        # neither ours nor the crashed one
-    monkeypatch.setattr(MusicGen, "_staged",
-                        staticmethod(lambda model, stage: spy(model, Path("/proc/no/stage"))))
+    monkeypatch.setattr(cache, "stage", lambda model, stage: spy(model, Path("/proc/no/stage")))
     monkeypatch.setenv("LOFID_OPTIMIZED_DIR", str(tmp_path / "memory"))
     in_memory = MusicGen.load(MODEL, "int8", threads=1)
     assert isinstance(staged[-1], bytes)
@@ -117,7 +118,7 @@ def test_shared_kv_rewrite_refuses_an_unknown_graph(tmp_path, monkeypatch):
     monkeypatch.setenv("LOFID_OPTIMIZED_DIR", str(tmp_path))
     model = onnx.load(str(MODEL / "small_fp32" / "text_encoder.onnx"))
     with pytest.raises(ValueError):
-        mg.share_kv_graph(model, 2, 8)
+        share_kv_graph(model, 2, 8)
 
 
 @pytest.mark.parametrize("form", ["merged", "split"])
@@ -236,14 +237,14 @@ def short_windows(engines):
 
 def test_windows_join_where_they_should(short_windows, monkeypatch):
     m, calls = short_windows, []
-    real = m._window
+    real = m.generate_window
 
     def spy(hidden, mask, prime, frames, params, rng, counter):
         out = real(hidden, mask, prime, frames, params, rng, counter)
         calls.append((prime.copy(), out))
         return out
 
-    monkeypatch.setattr(m, "_window", spy)
+    monkeypatch.setattr(m, "generate_window", spy)
     codes = m.generate_codes("join test", 200, seed=8)
     plan = plan_windows(200, 60, 36)
     assert len(calls) == len(plan) == 5
@@ -260,10 +261,10 @@ def test_priming_reproduces_step_by_step_decoding(short_windows):
     exactly as the step-by-step run did: the prime is seen as the decoder saw it."""
     m = short_windows
     full = m.generate_codes("prime test", 60, seed=0, top_k=1)
-    hidden, mask = m._encode_text("prime test")
+    hidden, mask = m.encode_text("prime test")
     for primed in (1, 24, 59):
-        out = m._window(hidden, mask, full[:, :primed], 60, mg.SamplingParams(1),
-                        np.random.default_rng(0), mg._Counter(0, None))
+        out = m.generate_window(hidden, mask, full[:, :primed], 60, SamplingParams(1),
+                                np.random.default_rng(0), StepCounter(0, None))
         np.testing.assert_array_equal(out, full)
 
 
@@ -369,7 +370,7 @@ def test_text_encoder_and_encodec_mapped_per_request_and_kv_buffers_freed(tmp_pa
     assert mapped.text_encoder is None and mapped.encodec is None
     assert len([p for p in tmp_path.iterdir() if p.name.endswith(".mapped.onnx")]) == 2
     with monkeypatch.context() as m:
-        m.setattr(MusicGen, "_mapped_session", classmethod(lambda cls, *a: None))
+        m.setattr(cache, "mapped_session", lambda *a: None)
         resident = MusicGen.load(MODEL, "fp32", threads=1)
     assert resident.text_encoder is not None and resident.encodec is not None
     want = resident.generate_codes("rainy night jazz", 40, 3)
@@ -406,7 +407,7 @@ def test_upcast_fixes_fp16_length_arithmetic():
     broke the fp16 EnCodec on CUDA. The upcast graph computes the length exactly."""
     from onnx.reference import ReferenceEvaluator
 
-    from lofid.worker.upcast import upcast_fp16
+    from lofid.worker.graphs.upcast import upcast_fp16
 
     model = _length_arithmetic_graph()
     length = np.array(160_001, np.int64)
@@ -426,7 +427,7 @@ def test_fp16_variant_runs_encodec_upcast_to_fp32(engines):
 
     m = engines["fp16"]
     assert m.encodec.get_outputs()[0].type == "tensor(float)"
-    from lofid.worker.upcast import upcast_fp16
+    from lofid.worker.graphs.upcast import upcast_fp16
 
     model = onnx.load(str(MODEL / "small_fp16" / "encodec_decode.onnx"))
     assert upcast_fp16(model) > 0 and upcast_fp16(model) == 0   # nothing left to upcast
@@ -452,8 +453,8 @@ def test_long_audio_decodes_in_chunks_close_to_one_run():
     whole = m.decode_audio(codes)
     m.encodec_chunk_frames, m.encodec_overlap_frames = 100, 10
     runs = []
-    real_run = m._decode_run
-    m._decode_run = lambda c, session: runs.append(c.shape[-1]) or real_run(c, session)
+    real_run = m.encodec_run
+    m.encodec_run = lambda c, session: runs.append(c.shape[-1]) or real_run(c, session)
     chunked = m.decode_audio(codes)
     assert runs == [110, 120, 120, 60]          # 4 chunks, each with its context
     assert chunked.shape == whole.shape == (350 * 640,)
@@ -518,4 +519,4 @@ def test_cached_graphs_of_a_removed_model_are_pruned(tmp_path, monkeypatch):
     shutil.rmtree(copy)
     MusicGen.load(MODEL, "int8", threads=1)              # prunes as it loads
     assert set(opt.iterdir()) == ours
-    assert mg.prune_optimized() == 0
+    assert cache.prune_optimized() == 0

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from conftest import FIXTURE_MODEL
 
+from lofid import variants
 from lofid.errors import LofiError
-from lofid.worker import assets
 
 REAL_ENGINE = {"LOFID_ENGINE": "lofid.worker.musicgen:MusicGen"}
 
@@ -40,7 +40,7 @@ def test_playable_wav_with_progress(make_daemon, variant):
         status = c.call("status")
     assert [p["percent"] for m, p in events if m == "generation_progress"] == list(range(0, 100, 5))
     assert record["variant"] == variant and record["device"] == "cpu"
-    label = assets.VERSION_LABEL.get(variant, variant)   # int4 -> int4b256-kv8
+    label = variants.get(variant).label   # int4 -> int4b256-kv8
     assert record["model_version"].startswith("local:") and record["model_version"].endswith(f"/{label}")
     with wave.open(record["path"]) as w:
         assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, 32000)

@@ -12,9 +12,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from lofid.worker import delay, kvquant
-from lofid.worker import musicgen as mg
+from lofid.worker import delay, sessions
+from lofid.worker.decoder import Decoder, present_name
+from lofid.worker.graphs import kvquant
+from lofid.worker.graphs.kvshare import share_kv_graph
 from lofid.worker.musicgen import MusicGen
+from lofid.worker.sampling import guide
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "tests" / "fixtures" / "music_gen"
@@ -22,14 +25,14 @@ HEADS, HEAD_DIM = 2, 8
 PROMPT = "late night lofi with vinyl crackle"
 
 
-def decoder(config, kv_scales=None) -> mg._Decoder:
+def decoder(config, kv_scales=None) -> Decoder:
     import onnx
 
     model = onnx.load(str(MODEL / "small_i8" / "decoder_model_merged.onnx"))
-    mg.share_kv_graph(model, HEADS, HEAD_DIM, kv_scales)
-    sess = ort.InferenceSession(model.SerializeToString(), mg.session_options(1),
+    share_kv_graph(model, HEADS, HEAD_DIM, kv_scales)
+    sess = ort.InferenceSession(model.SerializeToString(), sessions.options("decoder", 1),
                                 providers=["CPUExecutionProvider"])
-    return mg._Decoder(sess, sess, config)
+    return Decoder(sess, sess, config)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,7 @@ def float_engine() -> MusicGen:
 def calibrated(float_engine) -> dict[str, np.ndarray]:
     calibration = kvquant.Calibration()
     for prompt in kvquant.PROMPTS:
-        float_engine._calibration_run(prompt, calibration)
+        float_engine.calibration_run(prompt, calibration)
     return calibration.scales()
 
 
@@ -53,7 +56,7 @@ def quantized(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
 def test_int8_cache_holds_the_float_values_quantized_as_documented(float_engine, calibrated):
     """The prefill branch's int8 hand-over and GroupQueryAttention's own writes both
     equal rint(x * (1 / scale)) saturated, of the float cache's values."""
-    config, hidden, mask = float_engine.config, *float_engine._encode_text(PROMPT)
+    config, hidden, mask = float_engine.config, *float_engine.encode_text(PROMPT)
     plain, int8 = decoder(config), decoder(config, calibrated)
     ids = np.random.default_rng(3).integers(0, 2048, (8, 12))
     plain.begin(ids, hidden, mask, 20)
@@ -61,7 +64,7 @@ def test_int8_cache_holds_the_float_values_quantized_as_documented(float_engine,
     plain.step(ids[:, :1])
     int8.step(ids[:, :1])
     for name in plain.dec_names:
-        scale = calibrated[plain._present(name)]
+        scale = calibrated[present_name(name)]
         got, want = int8.cache[name].numpy(), plain.cache[name].numpy()
         assert got.dtype == np.int8
         # the 12 prefilled positions, every layer (the same float values in both graphs)
@@ -70,19 +73,18 @@ def test_int8_cache_holds_the_float_values_quantized_as_documented(float_engine,
             np.testing.assert_array_equal(got[:, :, 12], quantized(want[:, :, 12:13], scale)[:, :, 0])
 
 
-def teacher_forced_kl(engine: MusicGen, dec: mg._Decoder, tokens: np.ndarray,
+def teacher_forced_kl(engine: MusicGen, dec: Decoder, tokens: np.ndarray,
                       reference: list[np.ndarray]) -> float:
     """Mean KL (nats) of ``dec``'s guided next-token distributions from ``reference``'s,
     fed the same ``tokens`` [K, T+K] (the delayed sequence)."""
-    hidden, mask = engine._encode_text(PROMPT)
+    hidden, mask = engine.encode_text(PROMPT)
     logits = [dec.begin(np.concatenate([tokens[:, :1]] * 2), hidden, mask, tokens.shape[1])]
     for t in range(1, tokens.shape[1] - 1):
         logits.append(dec.step(np.concatenate([tokens[:, t:t + 1]] * 2)))
     dec.release()
     kl = []
     for got, want in zip(logits, reference, strict=True):
-        p, q = (np.exp(x - x.max(-1, keepdims=True)) for x in (mg.guide(want, 3.0),
-                                                                 mg.guide(got, 3.0)))
+        p, q = (np.exp(x - x.max(-1, keepdims=True)) for x in (guide(want, 3.0), guide(got, 3.0)))
         p, q = p / p.sum(-1, keepdims=True), q / q.sum(-1, keepdims=True)
         kl.append((p * (np.log(p) - np.log(q))).sum(-1).mean())
     return float(np.mean(kl))
@@ -97,7 +99,7 @@ def test_calibrated_int8_cache_stays_close_and_bad_scales_do_not(float_engine, c
     tokens = delay.build_template(codes, 120, config.pad_token_id)
     plain = decoder(config)
     reference = []
-    hidden, mask = float_engine._encode_text(PROMPT)
+    hidden, mask = float_engine.encode_text(PROMPT)
     reference.append(plain.begin(np.concatenate([tokens[:, :1]] * 2), hidden, mask,
                                  tokens.shape[1]))
     for t in range(1, tokens.shape[1] - 1):
@@ -126,10 +128,10 @@ def test_int8_cache_rewrite_refuses_what_it_cannot_do(calibrated):
 
     split = onnx.load(str(MODEL / "small_i8" / "decoder_with_past_model.onnx"))
     with pytest.raises(ValueError, match="merged"):
-        mg.share_kv_graph(split, HEADS, HEAD_DIM, calibrated)
+        share_kv_graph(split, HEADS, HEAD_DIM, calibrated)
     merged = onnx.load(str(MODEL / "small_i8" / "decoder_model_merged.onnx"))
     with pytest.raises(ValueError, match="positive"):
-        mg.share_kv_graph(merged, HEADS, HEAD_DIM, {**calibrated, "present.1.decoder.value":
+        share_kv_graph(merged, HEADS, HEAD_DIM, {**calibrated, "present.1.decoder.value":
                                                     np.zeros(HEADS * HEAD_DIM, np.float32)})
 
 
@@ -138,8 +140,8 @@ def optimized_step(tmp_path: Path, step_rows: int | None):
     import onnx
 
     model = onnx.load(str(MODEL / "small_i8" / "decoder_model_merged.onnx"))
-    mg.share_kv_graph(model, HEADS, HEAD_DIM, step_rows=step_rows)
-    opts = mg.session_options(1)
+    share_kv_graph(model, HEADS, HEAD_DIM, step_rows=step_rows)
+    opts = sessions.options("decoder", 1)
     opts.optimized_model_filepath = str(tmp_path / f"step{step_rows}.onnx")
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     saved = onnx.load(opts.optimized_model_filepath)
@@ -157,11 +159,11 @@ def test_fixed_step_shapes_and_one_op_cross_attention(tmp_path, float_engine):
     ops = [n.op_type for n in fixed.node]
     assert ops.count("MultiHeadAttention") == 2 and "Softmax" not in ops
     assert len(fixed.node) < 0.6 * len(free.node), (len(fixed.node), len(free.node))
-    hidden, mask = float_engine._encode_text(PROMPT)
+    hidden, mask = float_engine.encode_text(PROMPT)
     ids = np.random.default_rng(4).integers(0, 2048, (8, 6))
     logits = []
     for sess in (free_sess, fixed_sess):
-        dec = mg._Decoder(sess, sess, float_engine.config)
+        dec = Decoder(sess, sess, float_engine.config)
         dec.begin(ids[:, :1], hidden, mask, 8)
         logits.append(np.stack([dec.step(ids[:, t:t + 1]) for t in range(1, 6)]))
     np.testing.assert_allclose(logits[1], logits[0], rtol=0, atol=1e-5)
@@ -178,7 +180,7 @@ def test_a_failed_calibration_keeps_the_float_cache(tmp_path, monkeypatch):
     def nan_run(self, prompt, calibration):
         raise LofiError(MODEL_INFERENCE_FAILED, "the decoder produced NaN/inf logits")
 
-    monkeypatch.setattr(MusicGen, "_calibration_run", nan_run)
+    monkeypatch.setattr(MusicGen, "calibration_run", nan_run)
     m = MusicGen.load(MODEL, "int4", threads=1)
     assert {m.decoder.past_dtype[n] for n in m.decoder.dec_names} == {np.float32}
     assert not [p for p in tmp_path.iterdir() if "kv8" in p.name]
@@ -208,4 +210,4 @@ def test_a_failed_int8_cache_rewrite_keeps_the_float_cache(tmp_path, monkeypatch
         import onnx
 
         model = onnx.load(str(MODEL / "small_i8" / "decoder_model_merged.onnx"))
-        mg.share_kv_graph(model, 4, 4, {})
+        share_kv_graph(model, 4, 4, {})

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from lofid.worker.nbits import to_nbits
+from lofid.worker.graphs.nbits import to_nbits
 
 ROOT = Path(__file__).resolve().parent.parent
 INT8 = ROOT / "tests" / "fixtures" / "music_gen" / "small_i8" / "decoder_model_merged.onnx"
@@ -121,12 +121,12 @@ def test_matmulnbits_multiplies_by_the_weights_the_packing_describes(bits, k):
     its product is x times the weight ``_dequantize`` reads from B and the scales."""
     from onnx import TensorProto, helper
 
-    from lofid.worker.nbits import _blocks
+    from lofid.worker.graphs.nbits import pack_blocks
 
     rng = np.random.default_rng(bits + k)
     n, block = 48, 256
     weight = rng.standard_normal((k, n)).astype(np.float32)
-    packed, scales = _blocks(weight, bits, block)
+    packed, scales = pack_blocks(weight, bits, block)
     attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
     graph = helper.make_graph(
         [helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft",
@@ -171,16 +171,19 @@ def test_fused_qkv_computes_what_the_three_matmuls_did():
     """fuse_qkv: each step-branch attention reads one MatMulNBits of three times the
     width (the packed QKV), the prefill branch splits the same fused weights back in
     three, no weight is stored twice, and prefill and step logits are bit-identical."""
-    from lofid.worker import musicgen as mg
-    from lofid.worker.nbits import fuse_qkv
+    from lofid.worker import sessions
+    from lofid.worker.decoder import Decoder
+    from lofid.worker.graphs.kvshare import share_kv_graph
+    from lofid.worker.graphs.nbits import fuse_qkv
+    from lofid.worker.musicgen import MusicGen
 
-    engine = mg.MusicGen.load(ROOT / "tests" / "fixtures" / "music_gen", "fp32", threads=1)
-    hidden, mask = engine._encode_text("fused attention")
+    engine = MusicGen.load(ROOT / "tests" / "fixtures" / "music_gen", "fp32", threads=1)
+    hidden, mask = engine.encode_text("fused attention")
     logits = {}
     for fuse in (False, True):
         model = onnx.load(str(INT8))
         to_nbits(model, bits=4)
-        mg.share_kv_graph(model, 2, 8)
+        share_kv_graph(model, 2, 8)
         before = sum(t.ByteSize() for t in model.graph.initializer)
         if fuse:
             assert fuse_qkv(model) == 2
@@ -195,9 +198,9 @@ def test_fused_qkv_computes_what_the_three_matmuls_did():
             assert abs(sum(t.ByteSize() for t in model.graph.initializer) - before) < 1024
             read = {i for g in _graphs(model.graph) for n in g.node for i in n.input}
             assert all(t.name in read for t in model.graph.initializer)
-        sess = ort.InferenceSession(model.SerializeToString(), mg.session_options(1),
+        sess = ort.InferenceSession(model.SerializeToString(), sessions.options("decoder", 1),
                                     providers=["CPUExecutionProvider"])
-        dec = mg._Decoder(sess, sess, engine.config)
+        dec = Decoder(sess, sess, engine.config)
         ids = np.random.default_rng(2).integers(0, 2048, (8, 30))
         first = dec.begin(ids, hidden, mask, 40)
         logits[fuse] = [first] + [dec.step(ids[:, t:t + 1]) for t in range(5)]

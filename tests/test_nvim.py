@@ -23,7 +23,7 @@ from conftest import ROOT, Daemon, make_fake_model, shutdown_daemon_at
 from lofictl.client import Client
 
 from lofid import rpc
-from lofid.worker.assets import variant_files
+from lofid.variants import hub_files
 
 NVIM = os.environ.get("LOFI_TEST_NVIM") or shutil.which("nvim")  # LOFI_TEST_NVIM: another Neovim to test
 pytestmark = pytest.mark.skipif(NVIM is None, reason="nvim is not installed")
@@ -322,7 +322,7 @@ def test_consent_flow_against_the_fake_hub(short_tmp, start_nvim):
             texts = nvim.texts()
             assert any("downloading the model" in t for t in texts), texts
             assert "lofi: model downloaded" in texts, texts
-            assert hub.count("GET") >= len(variant_files("int8"))  # the variant's files came from the hub
+            assert hub.count("GET") >= len(hub_files("int8"))  # the variant's files came from the hub
             with Client(d.socket) as c:
                 assert c.call("status")["model"]["state"] in ("present", "loaded", "ready")
         finally:

@@ -20,8 +20,8 @@ import msgpack
 import pytest
 from conftest import FIXTURE_MODEL, SCRIPTED_ENGINE, _pythonpath, make_fake_model, shutdown_daemon_at
 
+from lofid import models, variants
 from lofid.errors import LofiError
-from lofid.worker import assets
 
 OTHER_UID = 65534  # nobody
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="becoming another uid needs root")
@@ -117,7 +117,7 @@ def test_another_uid_cannot_reach_the_socket_nor_pass_the_peer_check(daemon, sho
 @root_only
 def test_consent_cannot_be_given_by_another_user(make_daemon, short_tmp):
     daemon = make_daemon(model_dir=None, env={"HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"})
-    consent = daemon.state_dir / assets.CONSENT_FILE
+    consent = daemon.state_dir / models.CONSENT_FILE
     sock = daemon.socket
     old = relax({short_tmp: 0o711, sock.parent: 0o711, sock: 0o666})
     try:
@@ -250,7 +250,7 @@ class Inotify:
 
 
 def _copy_variant(dst: Path, variant: str) -> Path:
-    for rel in assets.variant_files(variant):
+    for rel in variants.hub_files(variant):
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(FIXTURE_MODEL / rel, dst / rel)
     return dst
@@ -284,6 +284,6 @@ def test_model_files_are_opened_only_inside_the_model_dir(make_daemon, short_tmp
     finally:
         ino.close()
     files = {p for p in opened if p.is_file()}
-    assert {mine / f for f in assets.variant_files(variant)} <= files  # the engine's opens were seen
+    assert {mine / f for f in variants.hub_files(variant)} <= files  # the engine's opens were seen
     escaped = {p for p in files if mine not in p.parents}
     assert escaped == set(), escaped

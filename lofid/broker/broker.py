@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 import lofid
-from lofid import errors
+from lofid import errors, models, variants
 from lofid.broker import systemd
 from lofid.broker.params import one_map, parse_generate
 from lofid.broker.progress import PROGRESS_STEP, Progress
@@ -23,15 +23,11 @@ from lofid.broker.supervisor import Supervisor
 from lofid.broker.tracks import TrackCache, check_track_id, now, track_id
 from lofid.config import Settings
 from lofid.errors import LofiError
-from lofid.worker import assets
 
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 MB = 1_000_000  # cache_max_mb is in MB, as lofictl prints sizes
-# Download sizes of the hub's variants, for the consent question (no network needed to ask it).
-APPROX_DOWNLOAD_BYTES = {"fp32": 2_250_000_000, "fp16": 1_870_000_000, "int8": 1_000_000_000,
-                         "int4": 1_000_000_000}
 
 
 class Broker:
@@ -44,7 +40,7 @@ class Broker:
         self.started = time.monotonic()
         self.model: dict[str, Any] = {"state": "locating", "variant": settings.variant, "model_version": None,
                                       "device": None, "provider": None}
-        self.location: assets.ModelLocation | None = None
+        self.location: models.ModelLocation | None = None
         self.progress: Progress | None = None
         self.download_waiters: set[Connection] = set()
         self.download_variant: tuple[str, bool] | None = None  # requested (variant, force)
@@ -67,16 +63,16 @@ class Broker:
         if self.settings.idle_exit_sec is not None:
             self._idle_watch = asyncio.create_task(self.exit_when_idle(self.settings.idle_exit_sec))
 
-    async def locate(self) -> assets.ModelLocation:
+    async def locate(self) -> models.ModelLocation:
         s = self.settings
-        loc = await asyncio.to_thread(assets.locate, s.variant, s.model_dir, hash_cache_dir=s.state_dir)
+        loc = await asyncio.to_thread(models.locate, s.variant, s.model_dir, hash_cache_dir=s.state_dir)
         self.location = loc
         self.model.update(model_version=loc.model_version)
         if self.model["state"] in ("locating", "missing", "present"):
             self.model["state"] = "missing" if loc.missing else "present"
         return loc
 
-    async def model_location(self) -> assets.ModelLocation:
+    async def model_location(self) -> models.ModelLocation:
         if self.location is None:
             await asyncio.shield(self._locating)
         return self.location
@@ -124,7 +120,7 @@ class Broker:
         self.set_status(self._generating_status())
         try:
             result = await self.supervisor.call({"op": "generate", "job": job.to_worker()},
-                                                lambda ev: self.on_worker_event(ev, job))
+                                                lambda ev: self.on_worker_event(ev, job), writes=job.wav_path)
             record = {"track_id": job.track_id, "prompt": job.prompt, "seed": job.seed,
                       "duration_sec": job.duration_sec, "created_at": now(), **result}
             record = await asyncio.to_thread(self.cache.put, record)
@@ -156,7 +152,7 @@ class Broker:
                             if e.code != errors.MODEL_DOWNLOAD_FAILED else e.to_dict())
         else:
             await self.locate()  # before telling anyone: the next generate must hash with the new version
-            self._broadcast(waiters, "download_complete", {"repo": assets.REPO, **result})
+            self._broadcast(waiters, "download_complete", {"repo": variants.REPO, **result})
         finally:
             self.downloading = False
             if self.location is None or self.location.missing:
@@ -220,8 +216,11 @@ class Broker:
                     "path": record["path"]}
         job = self.queue.find(tid)
         if job is None:
-            allow = self._consent(loc, req["allow_download"])
-            job = Job(tid, req["prompt"], req["duration_sec"], req["seed"], req["priority"], allow_download=allow)
+            s = self.settings
+            allow = models.may_download(loc, s.model_dir, s.state_dir, allow_download=s.allow_download,
+                                        asked=req["allow_download"])
+            job = Job(tid, req["prompt"], req["duration_sec"], req["seed"], self.cache.wav_path(tid),
+                      req["priority"], allow_download=allow)
             position = self.queue.push(job)
             self._kick()
             log.info("queued %s at position %d (%s)", tid, position, req["priority"])
@@ -229,24 +228,6 @@ class Broker:
         status = "running" if job is self.queue.running else "queued"
         return {"track_id": tid, "seed": job.seed, "status": status, "position": self.queue.position(job),
                 "cached": False}
-
-    def _consent(self, loc: assets.ModelLocation, asked: bool | None) -> bool:
-        """Whether the job may download missing files; raises MODEL_NOT_FOUND if it may not."""
-        s = self.settings
-        if not loc.missing:
-            return False
-        if s.model_dir is not None:
-            raise LofiError(errors.MODEL_NOT_FOUND, f"model files missing in {s.model_dir}: {', '.join(loc.missing)}",
-                            variant=s.variant, files=loc.missing)
-        if asked:
-            assets.give_consent(s.state_dir)
-        if s.allow_download or asked or assets.consent_given(s.state_dir):
-            return True
-        raise LofiError(errors.MODEL_NOT_FOUND,
-                        f"the {s.variant} model is not downloaded yet: about "
-                        f"{APPROX_DOWNLOAD_BYTES[s.variant] / 1e9:.1f} GB from {assets.REPO}; consent is needed",
-                        consent_required=True, repo=assets.REPO, variant=s.variant, files=loc.missing,
-                        download_bytes=APPROX_DOWNLOAD_BYTES[s.variant])
 
     async def rpc_status(self, conn: Connection, params: list) -> dict:
         one_map(params, set())
@@ -287,17 +268,17 @@ class Broker:
     async def rpc_download_model(self, conn: Connection, params: list) -> dict:
         arg = one_map(params, {"variant", "force"})
         variant = arg.get("variant") or self.settings.variant
-        if variant not in assets.VARIANTS:
-            raise LofiError(errors.INVALID_PARAMS, f"variant must be one of {', '.join(assets.VARIANTS)}")
+        if variant not in variants.NAMES:
+            raise LofiError(errors.INVALID_PARAMS, f"variant must be one of {', '.join(variants.NAMES)}")
         if self.settings.model_dir is not None:
             raise LofiError(errors.INVALID_PARAMS, f"models come from --model-dir {self.settings.model_dir}; "
                             "nothing is downloaded there")
-        assets.give_consent(self.settings.state_dir)
+        models.give_consent(self.settings.state_dir)
         self.download_waiters.add(conn)
         if not (self.downloading or self.download_variant is not None):
             self.download_variant = (variant, bool(arg.get("force")))
             self._kick()
-        return {"ok": True, "repo": assets.REPO, "variant": variant, "state": "downloading"}
+        return {"ok": True, "repo": variants.REPO, "variant": variant, "state": "downloading"}
 
     async def rpc_subscribe(self, conn: Connection, params: list) -> dict:
         one_map(params, set())

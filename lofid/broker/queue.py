@@ -4,8 +4,8 @@ a class, one job per track id. The running job is held here too but not counted.
 from __future__ import annotations
 
 import collections
-import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lofid import errors
@@ -21,14 +21,14 @@ class Job:
     prompt: str
     duration_sec: float
     seed: int
+    wav_path: Path  # where the worker writes the audio: the track cache's name for it
     priority: str = "normal"
     allow_download: bool = False
     waiters: set = field(default_factory=set)  # connections that asked for this track
-    queued_at: float = field(default_factory=time.monotonic)
 
     def to_worker(self) -> dict[str, Any]:
         return {"track_id": self.track_id, "prompt": self.prompt, "duration_sec": self.duration_sec,
-                "seed": self.seed, "allow_download": self.allow_download}
+                "seed": self.seed, "allow_download": self.allow_download, "wav_path": str(self.wav_path)}
 
 
 class JobQueue:

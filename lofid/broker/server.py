@@ -55,7 +55,6 @@ class Connection:
         self.id = next(self._ids)
         self.reader, self.writer = reader, writer
         self.decoder = rpc.Decoder(max_frame_bytes)
-        self.subscribed = False
         self.closed = False
 
     def __repr__(self) -> str:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lofid import errors
+from lofid import errors, paths
 from lofid.config import Settings
 from lofid.errors import LofiError
 
@@ -65,7 +65,7 @@ class Supervisor:
         self._conn = None
         self._events: asyncio.Queue | None = None
         self._started_once = False
-        self.last_stop: StopRung | None = None
+        self._writes: Path | None = None  # the file the call in progress has the worker write
 
     @property
     def pid(self) -> int | None:
@@ -134,18 +134,22 @@ class Supervisor:
         if self._process is not None:
             self._process.join(timeout=0)
             if self._process.exitcode is not None:
-                self._remove_temp_wavs(self._process.pid)
+                self._remove_temp_file(self._process.pid)
                 self._process.close()
         self._process = self._conn = None
 
-    def _remove_temp_wavs(self, pid: int) -> None:
-        """A worker killed while writing leaves its temporary WAV behind; nobody will finish it."""
+    def _remove_temp_file(self, pid: int) -> None:
+        """A worker killed while writing leaves its temporary file behind; nobody will finish it."""
+        if self._writes is None:
+            return
+        tmp, self._writes = paths.tmp_path(self._writes, pid), None
         try:
-            for p in Path(self.settings.cache_dir).glob(f".*.wav.{pid}.tmp"):
-                log.info("removing %s, left by the dead worker", p.name)
-                p.unlink(missing_ok=True)
+            tmp.unlink()
+            log.info("removed %s, left by the dead worker", tmp.name)
+        except FileNotFoundError:
+            pass
         except OSError as e:
-            log.warning("cannot remove the dead worker's temporary files: %s", e)
+            log.warning("cannot remove the dead worker's temporary file: %s", e)
 
     async def _reap(self, timeout: float = 2.0) -> int | None:
         process = self._process
@@ -162,10 +166,13 @@ class Supervisor:
 
     # -- calls -----------------------------------------------------------------
 
-    async def call(self, msg: dict[str, Any], on_event: Callable[[dict], None]) -> dict:
+    async def call(self, msg: dict[str, Any], on_event: Callable[[dict], None], writes: Path | None = None) -> dict:
         """Send one request to the worker; pass intermediate events to ``on_event``;
-        return the ``done`` payload or raise the worker's LofiError."""
+        return the ``done`` payload or raise the worker's LofiError. ``writes``: the file
+        the request has the worker write, whose temporary copy is removed if the worker
+        dies before it is renamed."""
         await self._ensure_started()
+        self._writes = writes
         events = self._events
         try:
             self._conn.send(msg)
@@ -190,9 +197,10 @@ class Supervisor:
                 self._cleanup()
                 raise LofiError(errors.MODEL_INFERENCE_FAILED, why, exitcode=exitcode)
             if kind == "done":
-                self._failures = 0
+                self._failures, self._writes = 0, None
                 return ev.get("result") or {}
             if kind == "error":
+                self._writes = None
                 raise LofiError.from_dict(ev.get("error") or {})
             try:
                 on_event(ev)
@@ -204,8 +212,7 @@ class Supervisor:
         process = self._process
         if process is None or not process.is_alive():
             self._cleanup()
-            self.last_stop = StopRung.NOT_RUNNING
-            return self.last_stop
+            return StopRung.NOT_RUNNING
         rung = StopRung.ASKED
         try:
             self._conn.send({"op": "stop"})
@@ -221,7 +228,6 @@ class Supervisor:
                     log.warning("worker %d did not exit after SIGKILL", process.pid)
         log.info("worker stopped (%s)", rung.value)
         self._cleanup()
-        self.last_stop = rung
         return rung
 
 

@@ -164,9 +164,6 @@ class TrackCache:
             removed.append(e)
         return removed
 
-    def total_bytes(self) -> int:
-        return sum(e.size for e in self.entries())
-
 
 @dataclass(frozen=True)
 class Entry:

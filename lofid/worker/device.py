@@ -10,9 +10,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lofid.devices import DEVICES
 from lofid.errors import MODEL_LOAD_FAILED, LofiError
 
-DEVICES = ("auto", "cpu", "cuda", "metal")
 CPU = "CPUExecutionProvider"
 PROVIDER = {"cuda": "CUDAExecutionProvider", "metal": "CoreMLExecutionProvider", "cpu": CPU}
 AUTO_ORDER = ("cuda", "metal", "cpu")
@@ -67,30 +67,6 @@ def select(requested: str, available: Sequence[str]) -> DeviceChoice:
                 device=device, available=list(available))
     providers = [PROVIDER[device]] if device != "cpu" else []
     return DeviceChoice(device=device, providers=[*providers, CPU])
-
-
-def likely_auto_device() -> str:
-    """What ``select("auto", ...)`` will pick on this machine, told without importing
-    onnxruntime (the broker never does, and it picks the default variant): ``cuda``
-    where the onnxruntime-gpu build is installed, ``metal`` on Apple silicon (the
-    standard macOS wheel has CoreML), else ``cpu``. Where the guess is wrong (a GPU
-    build with no usable CUDA), the worker runs the guessed variant on the CPU.
-
-    It looks for the distribution's metadata folder on ``sys.path`` itself: importing
-    importlib.metadata would cost the broker ~1.7 MB."""
-    import sys
-
-    for entry in sys.path:
-        try:
-            names = os.listdir(entry or ".")
-        except OSError:   # a zip file, a missing folder
-            continue
-        if any(n.lower().startswith("onnxruntime_gpu-") and n.endswith((".dist-info", ".egg-info"))
-               for n in names):
-            return "cuda"
-    if sys.platform == "darwin" and os.uname().machine == "arm64":
-        return "metal"
-    return "cpu"
 
 
 def resolve_threads(threads: int | None) -> int:

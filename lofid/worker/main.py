@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lofid import errors
+from lofid import errors, models
 from lofid.config import Settings
 from lofid.errors import LofiError
 from lofid.logs import setup_logging
@@ -66,7 +66,7 @@ class Worker:
             op = msg.get("op")
             if op == "stop":
                 return
-            handler = {"generate": self.generate, "download": self.download, "ping": lambda m: {"pong": True}}.get(op)
+            handler = {"generate": self.generate, "download": self.download}.get(op)
             try:
                 if handler is None:
                     raise LofiError(errors.INTERNAL, f"unknown worker request {op!r}")
@@ -86,26 +86,21 @@ class Worker:
     # -- model -----------------------------------------------------------------
 
     def _locate(self, allow_download: bool):
-        from lofid.worker import assets
-
+        """The model's files, downloaded first where the broker allowed it (the broker
+        decides: ``models.may_download``)."""
         s = self.settings
-        loc = assets.locate(s.variant, s.model_dir, hash_cache_dir=s.state_dir)
+        loc = models.locate(s.variant, s.model_dir, hash_cache_dir=s.state_dir)
         if not loc.missing:
             return loc
-        if s.model_dir is not None:
-            raise LofiError(errors.MODEL_NOT_FOUND,
-                            f"model files missing in {s.model_dir}: {', '.join(loc.missing)}",
-                            variant=s.variant, files=loc.missing)
-        if not allow_download:
-            raise LofiError(errors.MODEL_NOT_FOUND, f"model files missing: {', '.join(loc.missing)}",
-                            consent_required=True, repo=assets.REPO, variant=s.variant, files=loc.missing)
+        if not allow_download or s.model_dir is not None:
+            raise models.missing_error(loc, s.model_dir)
         return self._download(s.variant, force=False)
 
     def _download(self, variant: str, force: bool):
-        from lofid.worker import assets
+        from lofid.worker import download
 
         self.send({"ev": "model", "state": "downloading", "variant": variant})
-        loc = assets.download(variant, progress=lambda p: self.send({"ev": "download_progress", **p}), force=force)
+        loc = download.download(variant, progress=lambda p: self.send({"ev": "download_progress", **p}), force=force)
         self.engine = None  # files may have changed under a loaded engine
         return loc
 
@@ -151,7 +146,7 @@ class Worker:
                                      progress=progress)
         self.send({"ev": "progress", "track_id": tid, "tokens_generated": counts[0],
                    "tokens_estimated": counts[1], "decoded": True})
-        final = Path(s.cache_dir) / f"{tid}.wav"
+        final = Path(job["wav_path"])   # the track cache's name for it
         self._writing = True
         try:
             wav.write(final, audio, self.engine.sample_rate)

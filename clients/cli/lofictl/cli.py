@@ -434,13 +434,13 @@ def cmd_play(args, settings) -> int:
 
 
 def cmd_models(args, settings) -> int:
-    from lofid.worker import assets
+    from lofid import models, variants
 
     if args.models_cmd == "list":
         rows = []
-        for variant in assets.VARIANTS:
-            loc = assets.locate(variant, settings.model_dir, hash_cache_dir=settings.state_dir)
-            size = sum(p.stat().st_size for f in assets.variant_files(variant)
+        for variant in variants.NAMES:
+            loc = models.locate(variant, settings.model_dir, hash_cache_dir=settings.state_dir)
+            size = sum(p.stat().st_size for f in variants.hub_files(variant)
                        if loc.root is not None and (p := loc.path(f)).exists())
             rows.append({"variant": variant, "present": not loc.missing, "missing": loc.missing,
                          "bytes": size, "where": str(loc.root) if loc.root else None,

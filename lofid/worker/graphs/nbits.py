@@ -7,7 +7,7 @@ activations against per-tensor int8 weights. ``to_nbits`` replaces each such cha
 ``MatMulNBits(x, B, scales)`` (``com.microsoft``; weights in blocks of
 ``block_size`` along K, ``accuracy_level`` 4: int8 activations per block) holding
 the dequantized int8 weights requantized per block (symmetric, one scale per block,
-chosen by ``_blocks``'s search). ``bits=4`` (the int4 variant) halves the bytes a step
+chosen by ``pack_blocks``'s search). ``bits=4`` (the int4 variant) halves the bytes a step
 reads, at the cost of precision; ``bits=8`` was measured slower than
 ``DynamicQuantizeMatMul`` here (bench/RESULTS.md) and is kept for measuring.
 """
@@ -21,15 +21,14 @@ from onnx import helper, numpy_helper
 MS = "com.microsoft"
 
 
-# The clipping ranges ``_blocks`` tries per block, as shares of the block's peak. Blocks of
-# 256 searched this way stay closer to fp32 than plain peak-scaled blocks of 128
-# (teacher-forced KL 0.058 against 0.062), and their MatMuls run 14 % faster
-# (bench/RESULTS.md).
+# The clipping ranges ``pack_blocks`` tries per block, as shares of the block's peak. Blocks of
+# 256 searched this way stay closer to fp32 than plain peak-scaled blocks of 128, and
+# their MatMuls run faster (bench/RESULTS.md).
 CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8)
 
 
-def _blocks(weight: np.ndarray, bits: int, block: int, chunk: int = 128
-            ) -> tuple[np.ndarray, np.ndarray]:
+def pack_blocks(weight: np.ndarray, bits: int, block: int, chunk: int = 128
+                ) -> tuple[np.ndarray, np.ndarray]:
     """``weight`` [K, N] float32 -> (B [N, K/block, block*bits/8] uint8, scales [N*K/block])
     as MatMulNBits reads them: blocks along K, two 4-bit values per byte (low nibble
     first) or one 8-bit value, the implicit zero point 2**(bits-1), one scale per block.
@@ -94,28 +93,47 @@ def to_nbits(model: onnx.ModelProto, bits: int = 4, block: int = 256,
     -> the number of MatMuls rewritten."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
-    consts = {t.name: t for t in model.graph.initializer}
-    added: list[onnx.TensorProto] = []
-    packed_as: dict[tuple, str] = {}   # int8 weight -> its packed stem (the merged graph's
-    done = 0                           # two branches share their weights)
+    packer = _Packer(model, bits, block, accuracy_level)
+    packer.rewrite(model.graph)
+    model.graph.initializer.extend(packer.added)
+    read = _reads(model.graph.node) | {o.name for o in model.graph.output}
+    unused = [t for t in model.graph.initializer if t.name not in read]
+    for t in unused:   # the int8 weights now packed into MatMulNBits' B
+        model.graph.initializer.remove(t)
+    if packer.done and not any(o.domain == MS for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS, 1))
+    return packer.done
 
-    def const(graph, name):
+
+class _Packer:
+    """``to_nbits`` over one model: finds each graph's int8 MatMul chains and packs their
+    weights, each once (the merged decoder's two branches share their int8 weights, and
+    share the packed ones the same way)."""
+
+    def __init__(self, model: onnx.ModelProto, bits: int, block: int, accuracy_level: int) -> None:
+        self.consts = {t.name: t for t in model.graph.initializer}
+        self.bits, self.block, self.accuracy_level = bits, block, accuracy_level
+        self.added: list[onnx.TensorProto] = []   # the packed weights and scales
+        self.packed_as: dict[tuple, str] = {}     # int8 weight -> its packed stem
+        self.done = 0
+
+    def const(self, graph: onnx.GraphProto, name: str) -> np.ndarray | None:
         for t in graph.initializer:
             if t.name == name:
                 return numpy_helper.to_array(t)
         for node in graph.node:
             if node.op_type == "Constant" and node.output[0] == name:
                 return numpy_helper.to_array(node.attribute[0].t)
-        if name in consts:
-            return numpy_helper.to_array(consts[name])
+        if name in self.consts:
+            return numpy_helper.to_array(self.consts[name])
         return None
 
-    def rewrite(graph: onnx.GraphProto) -> None:
-        nonlocal done
+    def rewrite(self, graph: onnx.GraphProto) -> None:
+        """Every int8 MatMul chain of ``graph`` (its subgraphs first) as one MatMulNBits."""
         for node in graph.node:
             for a in node.attribute:
                 if a.type == onnx.AttributeProto.GRAPH:
-                    rewrite(a.g)
+                    self.rewrite(a.g)
         made = {o: n for n in graph.node for o in n.output}
         users: dict[str, list] = {}
         for n in graph.node:
@@ -123,61 +141,72 @@ def to_nbits(model: onnx.ModelProto, bits: int = 4, block: int = 256,
                 users.setdefault(i, []).append(n)
         drop, new = set(), {}
         for mmi in [n for n in graph.node if n.op_type == "MatMulInteger"]:
-            dql = made.get(mmi.input[0])
-            w, w_zp = const(graph, mmi.input[1]), const(graph, mmi.input[3])
-            cast = users.get(mmi.output[0], [])
-            if dql is None or dql.op_type != "DynamicQuantizeLinear" or w is None or \
-                    w_zp is None or len(cast) != 1 or cast[0].op_type != "Cast":
+            chain = self._chain(graph, mmi, made, users)
+            if chain is None:
                 continue
-            mul = users.get(cast[0].output[0], [])
-            if len(mul) != 1 or mul[0].op_type != "Mul":
-                continue
-            mul = mul[0]
-            scale_mul = made.get(mul.input[1])
-            if scale_mul is None or scale_mul.op_type != "Mul":
-                continue
-            w_scale = next((const(graph, i) for i in scale_mul.input if i != dql.output[1]), None)
-            if w_scale is None or w_scale.size != 1 or w.ndim != 2:
-                continue
-            key = (mmi.input[1], float(w_zp.reshape(-1)[0]), float(w_scale.reshape(-1)[0]))
-            stem = packed_as.get(key)
-            if stem is None:
-                weight = (w.astype(np.float32) - w_zp.astype(np.float32)) * w_scale.astype(np.float32)
-                packed, scales = _blocks(weight, bits, block)
-                stem = packed_as[key] = f"{mmi.input[1]}_nbits{len(packed_as)}"
-                added.extend([numpy_helper.from_array(packed, stem + "_B"),
-                              numpy_helper.from_array(scales, stem + "_scales")])
+            dql, cast, mul, w, w_zp, w_scale = chain
+            stem = self._packed(mmi.input[1], w, w_zp, w_scale)
             new[mul.name or id(mul)] = helper.make_node(
                 "MatMulNBits", [dql.input[0], stem + "_B", stem + "_scales"], [mul.output[0]],
                 name=(mmi.name or stem) + "_nbits", domain=MS, K=w.shape[0], N=w.shape[1],
-                bits=bits, block_size=block, accuracy_level=accuracy_level)
-            drop.update(id(n) for n in (mmi, cast[0]))
-            done += 1
-        if not new:
-            return
-        nodes = [new.get(n.name or id(n), n) for n in graph.node if id(n) not in drop]
-        # the DynamicQuantizeLinear and scale Mul nodes now feed nothing: drop them
-        while True:
-            used = {o.name for o in graph.output} | _reads(nodes)
-            alive = [n for n in nodes if any(o in used for o in n.output)]
-            if len(alive) == len(nodes):
-                break
-            nodes = alive
-        del graph.node[:]
-        graph.node.extend(nodes)
-        read = _reads(nodes) | {o.name for o in graph.output}
-        for t in [t for t in graph.initializer if t.name not in read]:
-            graph.initializer.remove(t)   # the int8 weights' scales and zero points
+                bits=self.bits, block_size=self.block, accuracy_level=self.accuracy_level)
+            drop.update(id(n) for n in (mmi, cast))
+            self.done += 1
+        if new:
+            _replace(graph, new, drop)
 
-    rewrite(model.graph)
-    model.graph.initializer.extend(added)
-    read = _reads(model.graph.node) | {o.name for o in model.graph.output}
-    unused = [t for t in model.graph.initializer if t.name not in read]
-    for t in unused:   # the int8 weights now packed into MatMulNBits' B
-        model.graph.initializer.remove(t)
-    if done and not any(o.domain == MS for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS, 1))
-    return done
+    def _chain(self, graph: onnx.GraphProto, mmi, made: dict, users: dict):
+        """``DynamicQuantizeLinear -> MatMulInteger (mmi) -> Cast -> Mul(x_scale * W_scale)``
+        -> (the DynamicQuantizeLinear, the Cast, the Mul, W, W's zero point, W's scale);
+        None where ``mmi`` is not in such a chain with constant per-tensor weights."""
+        dql = made.get(mmi.input[0])
+        w, w_zp = self.const(graph, mmi.input[1]), self.const(graph, mmi.input[3])
+        cast = users.get(mmi.output[0], [])
+        if dql is None or dql.op_type != "DynamicQuantizeLinear" or w is None or \
+                w_zp is None or len(cast) != 1 or cast[0].op_type != "Cast":
+            return None
+        mul = users.get(cast[0].output[0], [])
+        if len(mul) != 1 or mul[0].op_type != "Mul":
+            return None
+        mul = mul[0]
+        scale_mul = made.get(mul.input[1])
+        if scale_mul is None or scale_mul.op_type != "Mul":
+            return None
+        w_scale = next((self.const(graph, i) for i in scale_mul.input if i != dql.output[1]), None)
+        if w_scale is None or w_scale.size != 1 or w.ndim != 2:
+            return None
+        return dql, cast[0], mul, w, w_zp, w_scale
+
+    def _packed(self, name: str, w: np.ndarray, w_zp: np.ndarray, w_scale: np.ndarray) -> str:
+        """The stem of the packed weight ``name`` (``<stem>_B``, ``<stem>_scales``),
+        packed here on its first use."""
+        key = (name, float(w_zp.reshape(-1)[0]), float(w_scale.reshape(-1)[0]))
+        stem = self.packed_as.get(key)
+        if stem is None:
+            weight = (w.astype(np.float32) - w_zp.astype(np.float32)) * w_scale.astype(np.float32)
+            packed, scales = pack_blocks(weight, self.bits, self.block)
+            stem = self.packed_as[key] = f"{name}_nbits{len(self.packed_as)}"
+            self.added.extend([numpy_helper.from_array(packed, stem + "_B"),
+                               numpy_helper.from_array(scales, stem + "_scales")])
+        return stem
+
+
+def _replace(graph: onnx.GraphProto, new: dict, drop: set[int]) -> None:
+    """Put the MatMulNBits ``new`` (by the name, or id, of the Mul each replaces) into
+    ``graph`` without the ``drop``ped nodes and what fed only them."""
+    nodes = [new.get(n.name or id(n), n) for n in graph.node if id(n) not in drop]
+    # the DynamicQuantizeLinear and scale Mul nodes now feed nothing: drop them
+    while True:
+        used = {o.name for o in graph.output} | _reads(nodes)
+        alive = [n for n in nodes if any(o in used for o in n.output)]
+        if len(alive) == len(nodes):
+            break
+        nodes = alive
+    del graph.node[:]
+    graph.node.extend(nodes)
+    read = _reads(nodes) | {o.name for o in graph.output}
+    for t in [t for t in graph.initializer if t.name not in read]:
+        graph.initializer.remove(t)   # the int8 weights' scales and zero points
 
 
 def _graphs(graph: onnx.GraphProto):
@@ -189,7 +218,7 @@ def _graphs(graph: onnx.GraphProto):
 
 
 def fuse_qkv(model: onnx.ModelProto) -> int:
-    """After ``to_nbits`` and ``musicgen.share_kv_graph``: every GroupQueryAttention whose
+    """After ``to_nbits`` and ``kvshare.share_kv_graph``: every GroupQueryAttention whose
     query, key and value are three MatMulNBits of one input gets them as one MatMulNBits
     of three times the width, the packed QKV GroupQueryAttention reads when its key and
     value inputs are empty: one call and one activation quantization instead of three

@@ -1,10 +1,10 @@
-"""lofid.worker.assets against a fake Hugging Face hub (tests/fakehub.py).
+"""lofid/worker/download.py against a fake Hugging Face hub (tests/fakehub.py).
 
 The download code under test is the real one (huggingface_hub's hf_hub_download over
 HTTP). huggingface_hub reads HF_ENDPOINT / HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE when
 it is first imported, so every download runs in a fresh subprocess with the environment
-set (as the daemon's spawned worker does); locate() runs in-process with an explicit
-hub_cache, and once in the subprocess to show the environment is honoured.
+set (as the daemon's spawned worker does); models.locate() runs in-process with an
+explicit hub_cache, and once in the subprocess to show the environment is honoured.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import errno
 import json
 import os
 import socket
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +22,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fakehub import FIXTURE, FakeHub, write_random_model
 
-from lofid.errors import INVALID_PARAMS, MODEL_DOWNLOAD_FAILED, LofiError
-from lofid.worker import assets
+from lofid import models, variants
+from lofid.errors import MODEL_DOWNLOAD_FAILED
+from lofid.worker import download
 
 ROOT = Path(__file__).resolve().parent.parent
 STORAGE = "models--gabotechs--music_gen"
@@ -44,7 +44,8 @@ if os.environ.get("LOFID_TEST_FSIZE"):
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
     n = int(os.environ["LOFID_TEST_FSIZE"])
     resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
-from lofid.worker import assets
+from lofid import models
+from lofid.worker import download
 from lofid.errors import LofiError
 op, variant, force = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 def out(**kw):
@@ -54,12 +55,12 @@ def loc_dict(loc):
             "revision": loc.revision, "model_version": loc.model_version}
 try:
     if op == "download":
-        loc = assets.download(variant, progress=lambda e: out(progress=e), force=force, poll_interval=0.02)
+        loc = download.download(variant, progress=lambda e: out(progress=e), force=force, poll_interval=0.02)
         out(ok=loc_dict(loc))
     elif op == "remote":
-        out(ok=assets.remote_files(variant))
+        out(ok=[[r.path, r.size] for r in download.remote_info(variant).values()])
     else:
-        out(ok=loc_dict(assets.locate(variant, None)), cache=str(assets.hub_cache_dir()))
+        out(ok=loc_dict(models.locate(variant, None)), cache=str(models.hub_cache_dir()))
 except LofiError as e:
     out(error=e.to_dict())
 """
@@ -109,43 +110,6 @@ def snapshot_files(home: Path) -> list[Path]:
     return [p for p in (cache_of(home) / STORAGE / "snapshots").rglob("*") if p.is_file()]
 
 
-# --------------------------------------------------------------------- pure parts
-
-
-def test_variant_files():
-    assert assets.VARIANTS == ("fp32", "fp16", "int8", "int4")
-    assert assets.variant_files("int4") == assets.variant_files("int8")   # made from int8
-    for v in assets.VARIANTS:
-        files = assets.variant_files(v)
-        assert files[:2] == ["small/config.json", "small/tokenizer.json"]
-    assert "small_fp16/decoder_with_past_model.onnx" in assets.variant_files("fp16")
-    assert assets.variant_files("int8")[2:] == [
-        "small_i8/decoder_model_merged.onnx",
-        "small_fp32/text_encoder.onnx",
-        "small_fp32/encodec_decode.onnx",
-    ]
-    with pytest.raises(LofiError) as ei:
-        assets.variant_files("fp64")
-    assert ei.value.code == INVALID_PARAMS
-
-
-def test_import_is_cheap():
-    code = (
-        "import sys, lofid.worker.assets\n"
-        "bad = [m for m in ('numpy', 'onnxruntime', 'huggingface_hub', 'requests') if m in sys.modules]\n"
-        "assert not bad, bad"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-
-
-def test_locate_empty_cache(tmp_path):
-    loc = assets.locate("fp16", None, hub_cache=tmp_path / "nothing")
-    assert loc.root is None and loc.revision is None
-    assert loc.missing == assets.variant_files("fp16")
-    assert loc.model_version == "gabotechs/music_gen@main/fp16"
-    assert not loc.complete
-
-
 # ------------------------------------------------------------------------ download
 
 
@@ -156,7 +120,7 @@ def test_full_download_with_progress_then_locate(hub, home, served):
     hub.rate = 50_000_000
     res, events = run(hub, home)
     assert "ok" in res, res
-    files = assets.variant_files("fp16")
+    files = variants.hub_files("fp16")
     sizes = {f: (served / f).stat().st_size for f in files}
     total = sum(sizes.values())
 
@@ -176,7 +140,7 @@ def test_full_download_with_progress_then_locate(hub, home, served):
     assert partial and all(e["file"] == "small_fp16/decoder_model.onnx" for e in partial)
 
     # locate (in-process, explicit cache) finds everything at the hub's commit
-    loc = assets.locate("fp16", None, hub_cache=cache_of(home))
+    loc = models.locate("fp16", None, hub_cache=cache_of(home))
     assert loc.complete and loc.missing == []
     assert loc.revision == hub.commit
     assert loc.model_version == f"gabotechs/music_gen@{hub.commit}/fp16"
@@ -197,9 +161,9 @@ def test_full_download_with_progress_then_locate(hub, home, served):
     assert len(hub.requests) == n
 
 
-def test_remote_files_sizes(hub, home, served):
+def test_remote_info_sizes(hub, home, served):
     res, _ = run(hub, home, op="remote", variant="int8")
-    assert res["ok"] == [[f, (served / f).stat().st_size] for f in assets.variant_files("int8")]
+    assert res["ok"] == [[f, (served / f).stat().st_size] for f in variants.hub_files("int8")]
 
 
 def test_shared_files_reused_and_force(hub, home):
@@ -230,7 +194,7 @@ def test_connection_drop_mid_file_then_resume(hub, home, served):
     )
     # nothing under a final name: no snapshot entry, no blob, only the .incomplete
     assert not any(p.name == "decoder_model.onnx" for p in snapshot_files(home))
-    loc = assets.locate("fp16", None, hub_cache=cache_of(home))
+    loc = models.locate("fp16", None, hub_cache=cache_of(home))
     assert f in loc.missing
     blobs = cache_of(home) / STORAGE / "blobs"
     partial = list(blobs.glob("*.incomplete"))
@@ -244,7 +208,7 @@ def test_connection_drop_mid_file_then_resume(hub, home, served):
     # resumed with a Range request from the partial size
     ranges = [r["range"] for r in hub.requests if r["file"] == f and r["method"] == "GET"]
     assert ranges[-1] == f"bytes={CHUNK}-"
-    loc = assets.locate("fp16", None, hub_cache=cache_of(home))
+    loc = models.locate("fp16", None, hub_cache=cache_of(home))
     assert loc.complete and loc.path(f).read_bytes() == (served / f).read_bytes()
     assert loc.path(f).stat().st_size == size
     assert not list(blobs.glob("*.incomplete"))
@@ -308,7 +272,7 @@ def test_offline_with_nothing_cached(hub, home):
     err = res["error"]
     assert err["code"] == MODEL_DOWNLOAD_FAILED and err["offline"] is True
     assert "HF_HUB_OFFLINE" in err["message"] and "all 6 files" in err["message"]
-    assert err["missing"] == assets.variant_files("fp16")
+    assert err["missing"] == variants.hub_files("fp16")
     assert hub.requests == []
 
 
@@ -326,11 +290,11 @@ def test_corrupt_transfer_is_caught_and_removed(hub, home, served):
     res, _ = run(hub, home)
     err = res["error"]
     assert err["code"] == MODEL_DOWNLOAD_FAILED and err["file"] == f and "sha256" in err["message"]
-    loc = assets.locate("fp16", None, hub_cache=cache_of(home))
+    loc = models.locate("fp16", None, hub_cache=cache_of(home))
     assert f in loc.missing  # the damaged copy is not left under its final name
     res, _ = run(hub, home)
     assert "ok" in res, res
-    loc = assets.locate("fp16", None, hub_cache=cache_of(home))
+    loc = models.locate("fp16", None, hub_cache=cache_of(home))
     assert loc.path(f).read_bytes() == (served / f).read_bytes()
 
 
@@ -352,96 +316,28 @@ def test_main_moves_to_a_new_commit(hub, home, served):
     assert hub.commit != old
     res, _ = run(hub, home, force=True)
     assert res["ok"]["revision"] == hub.commit
-    loc = assets.locate("fp16", None, hub_cache=cache_of(home))
+    loc = models.locate("fp16", None, hub_cache=cache_of(home))
     assert loc.complete and loc.revision == hub.commit
 
 
 def test_error_mapping_disk_full():
-    r = assets._Remote("small_fp32/decoder_model_merged.onnx", 2_000_000_000, "ab" * 32, "cd" * 20)
-    e = assets._download_error(OSError(errno.ENOSPC, "No space left on device"), "fp32", r, 10, Path("/x/hub"))
+    r = download.Remote("small_fp32/decoder_model_merged.onnx", 2_000_000_000, "ab" * 32, "cd" * 20)
+    e = download.download_error(OSError(errno.ENOSPC, "No space left on device"), "fp32", r, 10, Path("/x/hub"))
     assert e.code == MODEL_DOWNLOAD_FAILED
     assert e.message.startswith("no space left to write small_fp32/decoder_model_merged.onnx in /x/hub")
-
-
-# ------------------------------------------------------------------------ model dir
-
-
-def test_model_dir_used_as_is(tmp_path):
-    md = write_random_model(tmp_path / "model")
-    hc = tmp_path / "state"
-    a = assets.locate("fp16", md, hash_cache_dir=hc)
-    b = assets.locate("fp16", md, hash_cache_dir=hc)
-    assert a == b and a.complete and a.root == md
-    assert a.revision.startswith("local-") and len(a.revision) == len("local-") + 16
-    h = a.revision.removeprefix("local-")
-    assert a.model_version == f"local:{h}/fp16"
-    assert (hc / assets.HASH_CACHE_FILE).is_file()
-    assert assets.locate("fp32", md, hash_cache_dir=hc).revision != a.revision
-    # int4 is int8's files made into another model here: same files, another version
-    int8, int4 = (assets.locate(v, md, hash_cache_dir=hc) for v in ("int8", "int4"))
-    assert int8.revision == int4.revision and int8.model_version.endswith("/int8")
-    assert int4.model_version == int8.model_version.removesuffix("int8") + "int4b256-kv8"
-
-    # a changed file changes the revision
-    f = md / "small_fp16/decoder_model.onnx"
-    data = bytearray(f.read_bytes())
-    data[0] ^= 1
-    f.write_bytes(bytes(data))
-    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10_000_000))
-    c = assets.locate("fp16", md, hash_cache_dir=hc)
-    assert c.revision != a.revision and c.complete
-
-    # a missing file is listed; nothing is downloaded or written into the model dir
-    (md / "small_fp16/encodec_decode.onnx").unlink()
-    before = sorted(p.name for p in md.rglob("*"))
-    d = assets.locate("fp16", md, hash_cache_dir=hc)
-    assert d.missing == ["small_fp16/encodec_decode.onnx"] and not d.complete
-    assert sorted(p.name for p in md.rglob("*")) == before
-
-
-def test_model_dir_hashes_are_cached(tmp_path, monkeypatch):
-    md = write_random_model(tmp_path / "model")
-    hc = tmp_path / "state"
-    first = assets.locate("fp16", md, hash_cache_dir=hc)
-    calls = []
-    real = assets._sha256_file
-    monkeypatch.setattr(assets, "_sha256_file", lambda p: calls.append(p) or real(p))
-    assets._MEMO.clear()  # as in a fresh process: only the JSON cache remains
-    assert assets.locate("fp16", md, hash_cache_dir=hc) == first
-    assert calls == []
-    f = md / "small/config.json"
-    f.write_text(f.read_text() + " ")
-    assert assets.locate("fp16", md, hash_cache_dir=hc).revision != first.revision
-    assert [p.name for p in calls] == ["config.json"]
 
 
 @pytest.mark.skipif(not (FIXTURE / "small/config.json").is_file(), reason="tiny fixture model not present")
 def test_fixture_model_served_and_located(tmp_path):
     """The tiny real model (another engineer's fixture), when present: as a model dir,
     and downloaded from the fake hub byte for byte."""
-    loc = assets.locate("fp32", FIXTURE, hash_cache_dir=tmp_path)
+    loc = models.locate("fp32", FIXTURE, hash_cache_dir=tmp_path)
     assert loc.revision.startswith("local-")
     if loc.missing:
         pytest.skip(f"fixture lacks {loc.missing}")
     with FakeHub(FIXTURE) as hub:
         res, _ = run(hub, tmp_path / "hf_home", variant="fp32")
     assert "ok" in res, res
-    got = assets.locate("fp32", None, hub_cache=tmp_path / "hf_home" / "hub")
-    for f in assets.variant_files("fp32"):
+    got = models.locate("fp32", None, hub_cache=tmp_path / "hf_home" / "hub")
+    for f in variants.hub_files("fp32"):
         assert got.path(f).read_bytes() == loc.path(f).read_bytes()
-
-
-# ------------------------------------------------------------------------- consent
-
-
-def test_consent_round_trip(tmp_path):
-    state = tmp_path / "state" / "lofid"
-    assert not assets.consent_given(state)
-    assets.give_consent(state)
-    assert assets.consent_given(state)
-    f = state / assets.CONSENT_FILE
-    assert stat.S_IMODE(f.stat().st_mode) == 0o600
-    assert json.loads(f.read_text())["repo"] == "gabotechs/music_gen"
-    assert [p.name for p in state.iterdir()] == [assets.CONSENT_FILE]  # no temp leftovers
-    assets.give_consent(state)  # idempotent
-    assert assets.consent_given(state)

@@ -2,8 +2,8 @@
 
 A decoder step reads the whole self-attention cache: 24 layers x key and value x the
 CFG batch of 2 x 16 heads x 64 values per position, 393 KB per position in float32 and
-590 MB at 1500 positions (30 s of audio), which is ~10 ms of a step at this CPU's memory
-bandwidth and the reason the step time grows with the track. onnxruntime's
+590 MB at 1500 positions (30 s of audio): reading it is why the step time grows with
+the track. onnxruntime's
 GroupQueryAttention can keep that cache in int8 with one static scale per channel
 (head x dim), quantizing each new key/value as ``rint(x * (1 / scale))`` saturated to
 [-128, 127]: a quarter of the bytes to read.
@@ -16,9 +16,9 @@ magnitude, times ``HEADROOM`` for what other prompts and later positions reach
 scales as initializers and is cached like the other rewrites, so later loads do not
 calibrate again.
 
-Only the int4 variant uses it (``musicgen.KV_INT8``): it is for users who put speed
+Only the int4 variant uses it (``kv_int8`` in lofid/variants.py): it is for users who put speed
 first, and a calibrated cache is one more approximation. int8 and fp32 keep the exact
-float32 cache. Measured on the full-size random-weight model (bench/RESULTS.md).
+float32 cache. What it costs and saves: bench/RESULTS.md.
 """
 
 from __future__ import annotations
