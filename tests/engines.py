@@ -10,7 +10,10 @@ Directives in the prompt (anything else is plain text):
   fsize=BYTES    set RLIMIT_FSIZE to BYTES before returning the audio, so the worker's WAV
                  write really fails with EFBIG (-> STORAGE_FAILED); undone by the next job
   wslow=SECONDS  the WAV write's fsync waits SECONDS first (once): a window in which the
-                 temporary file exists and the final name does not, to kill the worker in
+                 temporary file exists and the final name does not, to kill the worker in that window
+  wait=SECONDS   the start_after_sec its first audio chunk carries (default 0)
+Audio chunks go out as the real engine cuts them (lofid.worker.spans), one per span as
+its frames complete.
 It loads through the same worker code path as the real engine (files located by
 lofid.models first), and returns deterministic audio from the seed.
 """
@@ -28,6 +31,8 @@ import numpy as np
 
 from lofid import errors
 from lofid.errors import LofiError
+from lofid.worker.spans import plan_spans
+from lofid.worker.stream import AudioChunk
 
 
 class ScriptedEngine:
@@ -50,13 +55,18 @@ class ScriptedEngine:
 
     _FSIZE = resource.getrlimit(resource.RLIMIT_FSIZE)  # the worker's own limit, restored per job
 
-    def generate(self, prompt, duration_sec, seed, *, top_k=250, temperature=1.0, guidance_scale=3.0, progress=None):
+    def generate(self, prompt, duration_sec, seed, *, top_k=250, temperature=1.0, guidance_scale=3.0, progress=None,
+                 on_chunk=None):
         directives = dict(re.findall(r"(\w+)[=@]([\d.]+)", prompt))
         resource.setrlimit(resource.RLIMIT_FSIZE, self._FSIZE)
         _slow_fsync(float(directives["wslow"]) if "wslow" in directives else None)
         step = float(directives.get("step", 0.002))
         frames = round(duration_sec * self.frame_rate)
         total = frames + 3
+        rng = np.random.default_rng(seed)
+        t = np.arange(frames * 640) / self.sample_rate
+        audio = (0.3 * np.sin(2 * np.pi * rng.uniform(110, 880) * t)).astype(np.float32)
+        bounds, span = plan_spans(frames), 0   # chunks as the real engine cuts them, one per span
         for i in range(total + 1):
             if i == int(directives.get("crash", -1)):
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -73,11 +83,13 @@ class ScriptedEngine:
                 del block
             if progress is not None:
                 progress(i, total)
+            while on_chunk is not None and span < len(bounds) - 1 and (i >= total or i - 3 >= bounds[span + 1]):
+                last = span == len(bounds) - 2
+                on_chunk(AudioChunk(span, bounds[span] * 640, audio[bounds[span] * 640:bounds[span + 1] * 640], last,
+                                    float(directives.get("wait", 0)) if span == 0 else None))
+                span += 1
             if i < total:
                 time.sleep(step)
-        rng = np.random.default_rng(seed)
-        t = np.arange(frames * 640) / self.sample_rate
-        audio = (0.3 * np.sin(2 * np.pi * rng.uniform(110, 880) * t)).astype(np.float32)
         if "fsize" in directives:
             resource.setrlimit(resource.RLIMIT_FSIZE, (int(directives["fsize"]), self._FSIZE[1]))
         return audio

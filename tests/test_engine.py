@@ -442,27 +442,6 @@ def test_fp16_variant_runs_encodec_upcast_to_fp32(engines):
     assert audio.shape == (250 * 640,) and np.isfinite(audio).all()
 
 
-def test_long_audio_decodes_in_chunks_close_to_one_run():
-    """Past ``encodec_chunk_frames`` EnCodec runs in crossfaded chunks (its activations
-    grow with the audio: ~4.8 GB for 120 s in one run). The join is inaudible: here over
-    80 dB below the signal, and the length is exact."""
-    m = MusicGen.load(MODEL, "fp32", threads=1)
-    assert (m.encodec_chunk_frames, m.encodec_overlap_frames) == (500, 50)
-    codes = m.generate_codes("rainy night jazz", 350, seed=3)
-    m.encodec_chunk_frames = 10**6
-    whole = m.decode_audio(codes)
-    m.encodec_chunk_frames, m.encodec_overlap_frames = 100, 10
-    runs = []
-    real_run = m.encodec_run
-    m.encodec_run = lambda c, session: runs.append(c.shape[-1]) or real_run(c, session)
-    chunked = m.decode_audio(codes)
-    assert runs == [110, 120, 120, 60]          # 4 chunks, each with its context
-    assert chunked.shape == whole.shape == (350 * 640,)
-    err = chunked - whole
-    assert 0 < np.abs(err).max() < 1e-3
-    assert 10 * np.log10((whole ** 2).mean() / (err ** 2).mean()) > 80
-
-
 def test_int4_variant_is_the_int8_files_on_4bit_blocks(tmp_path, monkeypatch):
     """int4 loads the int8 files, rewrites their MatMuls onto MatMulNBits (nbits.py) and
     its attention onto shared int8 KV buffers, calibrated on its first load

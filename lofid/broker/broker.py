@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 import lofid
-from lofid import errors, models, variants
+from lofid import errors, models, rpc, variants
 from lofid.broker import systemd
 from lofid.broker.params import one_map, parse_generate
 from lofid.broker.progress import PROGRESS_STEP, Progress
@@ -138,7 +138,7 @@ class Broker:
             await self.locate()
         await self.enforce_cache_cap(keep=job.track_id)  # within the cap before anyone hears of it
         log.info("track %s complete in %.1f s", job.track_id, record.get("generation_time_sec", 0))
-        self.fan_out(job, "generation_complete", record)
+        self.fan_out(job, "generation_complete", record, final=True)
 
     async def _run_download(self, variant: str, force: bool) -> None:
         waiters, self.download_waiters = self.download_waiters, set()
@@ -165,6 +165,8 @@ class Broker:
                                              bool(ev.get("decoded"))):
                 self.fan_out(job, "generation_progress", {"track_id": job.track_id, **step})
                 self.set_status(self._generating_status())
+        elif kind == "audio" and job is not None:
+            job.stream.add(ev)
         elif kind == "model":
             self.model.update(ev)
             self.downloading = ev["state"] == "downloading"
@@ -179,13 +181,25 @@ class Broker:
         for conn in conns | self.subscribers:
             conn.notify(method, payload)
 
-    def fan_out(self, job: Job, method: str, payload: dict) -> None:
-        self._broadcast(job.waiters, method, payload)
+    def fan_out(self, job: Job, method: str, payload: dict, final: bool = False) -> None:
+        """Tell those who asked for ``job`` (and the subscribers). The ``final`` word on a
+        track reaches a connection that streams it after its last audio chunk."""
+        if not final:
+            self._broadcast(job.waiters, method, payload)
+            return
+        frame = rpc.notification(method, [payload])
+        streaming = {}
+        for conn in job.waiters | self.subscribers:
+            if job.stream.streaming(conn):
+                streaming[conn] = frame
+            else:
+                conn.send(frame)
+        job.stream.end(streaming)
 
     def fail(self, job: Job, err: LofiError) -> None:
         log.warning("track %s failed: %s: %s", job.track_id, err.code, err.message)
         self.fan_out(job, "generation_error", {**err.data, "track_id": job.track_id, "code": err.code,
-                                               "message": err.message})
+                                               "message": err.message}, final=True)
 
     def closed(self, conn: Connection) -> None:
         self.subscribers.discard(conn)
@@ -193,6 +207,7 @@ class Broker:
         for job in [self.queue.running, *self.queue.pending()]:
             if job is not None:
                 job.waiters.discard(conn)
+                job.stream.leave(conn)
 
     # -- methods ------------------------------------------------------------------
 
@@ -225,6 +240,8 @@ class Broker:
             self._kick()
             log.info("queued %s at position %d (%s)", tid, position, req["priority"])
         job.waiters.add(conn)
+        if req["stream"]:
+            job.stream.join(conn)
         status = "running" if job is self.queue.running else "queued"
         return {"track_id": tid, "seed": job.seed, "status": status, "position": self.queue.position(job),
                 "cached": False}

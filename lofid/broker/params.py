@@ -36,7 +36,7 @@ def _is_number(x: Any) -> bool:
 
 
 def parse_generate(params: list) -> dict:
-    arg = one_map(params, {"prompt", "duration_sec", "seed", "priority", "allow_download"})
+    arg = one_map(params, {"prompt", "duration_sec", "seed", "priority", "allow_download", "stream"})
     prompt = arg.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise LofiError(errors.INVALID_PARAMS, "prompt is required: a non-empty string")
@@ -59,5 +59,8 @@ def parse_generate(params: list) -> dict:
     allow = arg.get("allow_download")
     if allow is not None and not isinstance(allow, bool):
         raise LofiError(errors.INVALID_PARAMS, "allow_download must be true or false")
+    stream = arg.get("stream", False)
+    if not isinstance(stream, bool):
+        raise LofiError(errors.INVALID_PARAMS, "stream must be true or false")
     return {"prompt": prompt, "duration_sec": float(duration), "seed": seed, "priority": priority,
-            "allow_download": allow}
+            "allow_download": allow, "stream": stream}

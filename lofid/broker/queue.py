@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lofid import errors
+from lofid.broker.streams import TrackStream
 from lofid.errors import LofiError
 
 MAX_PENDING = 10
@@ -25,6 +26,10 @@ class Job:
     priority: str = "normal"
     allow_download: bool = False
     waiters: set = field(default_factory=set)  # connections that asked for this track
+    stream: TrackStream = field(init=False)     # its audio so far, and who streams it
+
+    def __post_init__(self) -> None:
+        self.stream = TrackStream(self.track_id)
 
     def to_worker(self) -> dict[str, Any]:
         return {"track_id": self.track_id, "prompt": self.prompt, "duration_sec": self.duration_sec,

@@ -71,6 +71,10 @@ class Connection:
             return
         self.writer.write(data)
 
+    async def drain(self) -> None:
+        """Wait until the client has read what was sent (down to the transport's low mark)."""
+        await self.writer.drain()
+
     def notify(self, method: str, payload: dict) -> None:
         self.send(rpc.notification(method, [payload]))
 

@@ -141,9 +141,16 @@ class Worker:
             self.send({"ev": "progress", "track_id": tid, "tokens_generated": int(done),
                        "tokens_estimated": int(total)})
 
+        def audio_chunk(chunk) -> None:
+            msg = {"ev": "audio", "seq": chunk.seq, "offset": chunk.offset, "sample_rate": self.engine.sample_rate,
+                   "pcm": wav.pcm16(chunk.audio).astype("<i2").tobytes(), "last": chunk.last}
+            if chunk.start_after_sec is not None:
+                msg["start_after_sec"] = chunk.start_after_sec
+            self.send(msg)
+
         audio = self.engine.generate(job["prompt"], job["duration_sec"], job["seed"], top_k=s.top_k,
                                      temperature=s.temperature, guidance_scale=s.guidance_scale,
-                                     progress=progress)
+                                     progress=progress, on_chunk=audio_chunk)
         self.send({"ev": "progress", "track_id": tid, "tokens_generated": counts[0],
                    "tokens_estimated": counts[1], "decoded": True})
         final = Path(job["wav_path"])   # the track cache's name for it

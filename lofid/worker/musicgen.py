@@ -48,6 +48,8 @@ from lofid.worker.graphs import cache, kvquant
 from lofid.worker.model_config import ModelConfig
 from lofid.worker.sampling import SamplingParams, guide, sample
 from lofid.worker.sessions import REPAIR
+from lofid.worker.spans import SpanDecoder
+from lofid.worker.stream import AudioStream, OnChunk, StepHook
 
 Progress = Callable[[int, int], None]
 log = logging.getLogger("lofid.worker.musicgen")
@@ -55,8 +57,6 @@ log = logging.getLogger("lofid.worker.musicgen")
 WINDOW_SEC = 30.0    # MusicGen was trained on 30 s
 STRIDE_SEC = 18.0    # audiocraft's extend_stride: the next window keeps the last 12 s
 MIN_DECODE_FRAMES = 8
-ENCODEC_CHUNK_SEC = 10.0     # decode_audio: EnCodec runs on at most this much audio at once
-ENCODEC_OVERLAP_SEC = 1.0    # ... plus this much context on either side, crossfaded
 
 
 def plan_windows(frames: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -118,9 +118,7 @@ class MusicGen:
         self.window_frames = min(round(WINDOW_SEC * self.frame_rate),
                                  config.max_positions - config.num_codebooks)
         self.stride_frames = min(round(STRIDE_SEC * self.frame_rate), self.window_frames - 1)
-        # EnCodec in chunks past 10 s (decode_audio); settable like the windows
-        self.encodec_chunk_frames = round(ENCODEC_CHUNK_SEC * self.frame_rate)
-        self.encodec_overlap_frames = round(ENCODEC_OVERLAP_SEC * self.frame_rate)
+        self._codec_sec_per_frame: float | None = None   # EnCodec's pace, for the next stream
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -233,19 +231,40 @@ class MusicGen:
 
     def generate(self, prompt: str, duration_sec: float, seed: int, *, top_k: int = 250,
                  temperature: float = 1.0, guidance_scale: float = 3.0,
-                 progress: Progress | None = None) -> np.ndarray:
+                 progress: Progress | None = None, on_chunk: OnChunk | None = None) -> np.ndarray:
         """float32 mono audio in [-1, 1]: exactly ``round(duration_sec * frame_rate)``
         frames of ``hop_length`` samples. ``progress(tokens_generated, tokens_estimated)``
-        is called after every decoder step, across all windows."""
-        codes = self.generate_codes(prompt, self.frames_for(duration_sec), seed,
-                                    top_k=top_k, temperature=temperature,
-                                    guidance_scale=guidance_scale, progress=progress)
-        return self.decode_audio(codes)
+        is called after every decoder step, across all windows; ``on_chunk`` gets each
+        span of final audio as soon as it is decoded (stream.py): the returned audio is
+        exactly those chunks joined.
+
+        A request ends here, so the memory it freed goes back to the OS here
+        (``sessions.release_heap``): the KV buffers came partly from the heap, and a
+        worker that rewrote the decoder on its first load would keep them between
+        requests."""
+        frames = self.frames_for(duration_sec)
+        if frames < 1:
+            raise LofiError(INVALID_DURATION, "duration is shorter than one frame")
+        encodec = [self.encodec or self._open_encodec()]   # opened before the clock starts
+        stream = AudioStream(frames, self.hop_length, self.sample_rate, self.num_codebooks,
+                             plan_windows(frames, self.window_frames, self.stride_frames),
+                             lambda codes: self.encodec_run(codes, encodec[0]), on_chunk,
+                             codec_hint=self._codec_sec_per_frame)
+        try:
+            codes = self.generate_codes(prompt, frames, seed, top_k=top_k, temperature=temperature,
+                                        guidance_scale=guidance_scale, progress=progress, stream=stream)
+            audio = stream.finish(codes)
+            self._codec_sec_per_frame = stream.pacer.steady_codec_sec_per_frame()
+            return audio
+        finally:
+            encodec.clear()   # a mapped session is closed before the heap is trimmed
+            sessions.release_heap()
 
     def generate_codes(self, prompt: str, frames: int, seed: int, *, top_k: int = 250,
                        temperature: float = 1.0, guidance_scale: float = 3.0,
-                       progress: Progress | None = None) -> np.ndarray:
-        """The audio codes ``[K, frames]`` for ``prompt`` (windowed past one window)."""
+                       progress: Progress | None = None, stream: AudioStream | None = None) -> np.ndarray:
+        """The audio codes ``[K, frames]`` for ``prompt`` (windowed past one window);
+        ``stream`` hears of every step and every frame as it completes."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise LofiError(INVALID_PARAMS, "prompt must be a non-empty string")
         if frames < 1:
@@ -262,9 +281,10 @@ class MusicGen:
         counter = StepCounter(estimated, progress)
         codes = np.full((k, frames), delay.UNKNOWN, dtype=np.int64)      # [K, T]
         try:
-            for offset, primed, length in plans:
+            for index, (offset, primed, length) in enumerate(plans):
                 prime = codes[:, offset : offset + primed]
-                window = self.generate_window(hidden, mask, prime, length, params, rng, counter)
+                heard = {} if stream is None else {"on_step": stream.window_hook(codes, index, offset)}
+                window = self.generate_window(hidden, mask, prime, length, params, rng, counter, **heard)
                 codes[:, offset + primed : offset + length] = window[:, primed:]
         finally:
             self.decoder.release()
@@ -285,11 +305,14 @@ class MusicGen:
         mask = np.concatenate([ones, np.zeros_like(ones)])
         return hidden, mask
 
-    def generate_window(self, hidden, mask, prime, frames, params, rng,
-                        counter: StepCounter) -> np.ndarray:
-        """Decode one window of ``frames`` frames whose first ``prime`` frames are known."""
+    def generate_window(self, hidden, mask, prime, frames, params, rng, counter: StepCounter,
+                        on_step: StepHook | None = None) -> np.ndarray:
+        """Decode one window of ``frames`` frames whose first ``prime`` frames are known.
+        ``on_step(position, frame, column)`` after each step: ``frame`` is the window's
+        frame that this step completed (its codes ``column`` ``[K]``), or None."""
         seq = delay.build_template(prime, frames, self.config.pad_token_id)   # [K, T+K]
-        total = seq.shape[1]
+        total, k, primed = seq.shape[1], self.num_codebooks, prime.shape[1]
+        rows = np.arange(k)
         start = delay.prefill_length(seq)
         logits = self.decoder.begin(np.concatenate([seq[:, :start]] * 2), hidden, mask, total)
         for t in range(start, total):
@@ -301,52 +324,27 @@ class MusicGen:
                 token = sample(guide(logits, params.guidance_scale), params, rng)
                 seq[unknown, t] = token[unknown]
             counter.tick()
+            if on_step is not None:
+                frame = t - k      # every codebook of this frame is known now
+                if primed <= frame < frames:
+                    on_step(t, frame, seq[rows, 1 + rows + frame])
+                else:
+                    on_step(t, None, None)
             if t + 1 < total:
                 logits = self.decoder.step(np.concatenate([seq[:, t : t + 1]] * 2))
         return delay.undo(seq)
 
     # ------------------------------------------------------------ EnCodec decode
     def decode_audio(self, codes: np.ndarray) -> np.ndarray:
-        """``[K, T]`` codes -> float32 mono ``[T * hop]`` through EnCodec.
-
-        Up to ``encodec_chunk_frames`` frames decode in one run. Longer sequences decode
-        in chunks of that many frames, each with ``encodec_overlap_frames`` of context
-        on either side, joined by a linear crossfade across the shared context: EnCodec's
-        activations grow with the audio and are the peak of a long request in one run,
-        while the chunks' join moves the audio by little (bench/RESULTS.md, "EnCodec in
-        chunks").
-
-        A request ends here, so the memory it freed goes back to the OS here
-        (``sessions.release_heap``): the KV buffers came partly from the heap, and a
-        worker that rewrote the decoder on its first load would keep them between
-        requests.
-        """
+        """``[K, T]`` complete codes -> float32 mono ``[T * hop]`` through EnCodec, span
+        by span exactly as ``generate`` decodes them (spans.py)."""
+        encodec = [self.encodec or self._open_encodec()]
         try:
-            return self._decode_chunks(codes, self.encodec or self._open_encodec())
+            spans = SpanDecoder(codes.shape[-1], self.hop_length, lambda c: self.encodec_run(c, encodec[0]))
+            return spans.finish(codes)
         finally:
+            encodec.clear()   # a mapped session is closed before the heap is trimmed
             sessions.release_heap()
-
-    def _decode_chunks(self, codes: np.ndarray, encodec: ort.InferenceSession) -> np.ndarray:
-        frames, chunk = codes.shape[-1], self.encodec_chunk_frames
-        if frames <= chunk:
-            return self.encodec_run(codes, encodec)
-        hop, ov = self.hop_length, self.encodec_overlap_frames
-        out = np.zeros(frames * hop, np.float32)
-        fade = None
-        for start in range(0, frames, chunk):
-            lo, hi = max(0, start - ov), min(frames, start + chunk + ov)
-            piece = self.encodec_run(codes[:, lo:hi], encodec)
-            if start == 0:
-                out[:hi * hop] = piece
-                continue
-            # [lo, start + ov) is shared with the previous piece: fade from it to this one
-            shared = (min(start + ov, hi) - lo) * hop
-            if fade is None or fade.size != shared:
-                fade = (np.arange(shared, dtype=np.float32) + 0.5) / shared
-            a = lo * hop
-            out[a:a + shared] = out[a:a + shared] * (1 - fade) + piece[:shared] * fade
-            out[a + shared:hi * hop] = piece[shared:]
-        return out
 
     def encodec_run(self, codes: np.ndarray, encodec: ort.InferenceSession) -> np.ndarray:
         """One EnCodec run: ``[K, T]`` codes -> ``[T * hop]`` samples. Its reflect padding

@@ -1,0 +1,123 @@
+"""How long a player should buffer after the first chunk (``start_after_sec``) so that no
+later chunk arrives after its play time.
+
+When the first chunk goes out, the generation so far has shown how long a decoder step
+and an EnCodec run take here. ``Pacer`` replays the rest of the request on that clock:
+every remaining step (a step's cost grows with the attention's length, ``STEP_GROWTH``
+per position), every window's re-prime, every span's EnCodec run, and finds the chunk
+that would be latest against its play time. The wait is that lateness with a margin,
+or 0 when generation runs ahead of real time. The constants are measured on a full-size
+model (bench/RESULTS.md, "Streaming").
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+
+STEP_GROWTH = 6e-4     # a step's cost grows by this share of the first step's per position
+PREFILL_SHARE = 0.25   # a re-prime costs this share of a step per primed position
+MARGIN = 0.15          # predicted work is stretched by this share (other load, noise) ...
+SLACK_SEC = 0.1        # ... plus this much
+
+
+class Pacer:
+    """Records the step and EnCodec times of one request and predicts the rest.
+
+    ``codec_hint``: seconds per decoded frame of EnCodec seen in an earlier request (a
+    request's first EnCodec run also pays the session's one-time costs)."""
+
+    def __init__(self, clock=time.monotonic, codec_hint: float | None = None) -> None:
+        self.clock = clock
+        self.step_times: list[tuple[int, float]] = []    # (attention length, seconds)
+        self.codec_runs: list[tuple[int, float]] = []    # (frames decoded, seconds)
+        self.codec_hint = codec_hint
+        self.predicted_sec: float | None = None   # the work left, as start_after saw it
+        self._last = clock()
+
+    def mark(self) -> None:
+        """A new phase starts now (the first step's clock starts here)."""
+        self._last = self.clock()
+
+    def step(self, position: int) -> None:
+        now = self.clock()
+        self.step_times.append((position, now - self._last))
+        self._last = now
+
+    def codec(self, frames: int, seconds: float) -> None:
+        self.codec_runs.append((frames, seconds))
+        self._last = self.clock()   # the EnCodec run is not a step's time
+
+    def codec_sec_per_frame(self) -> float:
+        """The hint, else this request's first run (the only one when chunk 0 goes out)."""
+        if self.codec_hint is not None:
+            return self.codec_hint
+        frames, seconds = self.codec_runs[0] if self.codec_runs else (1, 0.0)
+        return seconds / max(1, frames)
+
+    def steady_codec_sec_per_frame(self) -> float | None:
+        """Seconds per frame over this request's EnCodec runs after the first: the next
+        request's hint."""
+        runs = self.codec_runs[1:] or self.codec_runs
+        frames = sum(f for f, _ in runs)
+        return sum(s for _, s in runs) / frames if frames else None
+
+    def base_step_sec(self) -> float:
+        """The cost of a step at position 0, from the median observed step."""
+        if not self.step_times:
+            return 0.0
+        per_base = [sec / (1 + STEP_GROWTH * pos) for pos, sec in self.step_times]
+        return statistics.median(per_base)
+
+    def start_after(self, remaining: Sequence[tuple[str, int]], chunk_offsets_sec: Sequence[float]) -> float:
+        """``remaining``: the rest of the request in order, each ``("step", position)``,
+        ``("prime", positions)`` or ``("chunk", frames decoded)``; the chunks after the
+        first, whose play times (seconds from the first chunk's start) are
+        ``chunk_offsets_sec``. -> seconds to wait before playing the first chunk."""
+        base = self.base_step_sec()
+        codec = self.codec_sec_per_frame()
+        elapsed, lateness, chunk = 0.0, 0.0, 0
+        for kind, n in remaining:
+            if kind == "step":
+                elapsed += base * (1 + STEP_GROWTH * n)
+            elif kind == "prime":
+                elapsed += base * PREFILL_SHARE * n
+            else:
+                elapsed += codec * n
+                arrival = elapsed * (1 + MARGIN) + SLACK_SEC
+                lateness = max(lateness, arrival - chunk_offsets_sec[chunk])
+                chunk += 1
+        self.predicted_sec = elapsed
+        return round(lateness, 3) if lateness > SLACK_SEC else 0.0
+
+
+def remaining_work(plans: Sequence[tuple[int, int, int]], num_codebooks: int, window: int, position: int,
+                   spans) -> tuple[list[tuple[str, int]], list[int]]:
+    """The work left after ``position`` of window ``window`` was sampled, in the order the
+    engine does it, and the first sample frame of each chunk still to come.
+
+    ``plans``: the windows ``(offset, primed, length)``; ``spans``: the SpanDecoder (its
+    ``bounds``, ``next``, ``needed`` and ``left``)."""
+    work: list[tuple[str, int]] = []
+    starts: list[int] = []
+    span = spans.next
+    last = len(spans.bounds) - 1
+
+    def spans_ready(complete: int) -> None:
+        nonlocal span
+        while span < last and complete >= spans.needed(span):
+            work.append(("chunk", spans.needed(span) - max(0, spans.bounds[span] - spans.left)))
+            starts.append(spans.bounds[span])
+            span += 1
+
+    k = num_codebooks
+    for w in range(window, len(plans)):
+        offset, primed, length = plans[w]
+        first = position + 1 if w == window else primed + 1
+        if w != window:
+            work.append(("prime", primed + 1))
+        for t in range(first, length + k):
+            work.append(("step", t))
+            spans_ready(offset + min(length, max(primed, t - k + 1)))
+    return work, starts
