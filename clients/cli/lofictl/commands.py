@@ -1,21 +1,38 @@
-"""The subcommands: each ``cmd_*`` takes the parsed arguments and the local settings and
-returns the exit status."""
+"""The subcommands that talk to lofid: each ``cmd_*`` takes the parsed arguments and the
+local settings and returns the exit status. ``config`` and ``service`` are in admin.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from lofictl import service
 from lofictl.client import Client, Disconnected
-from lofictl.connect import cli_flags, connect
-from lofictl.output import Bar, CliError, emit, human_age, human_bytes
+from lofictl.connect import connect, running, stop, warn_if_settings_differ
+from lofictl.output import (
+    CANCELLED,
+    DISCONNECTED,
+    INVALID_PARAMS,
+    TIMEOUT,
+    TRACK_NOT_READY,
+    Bar,
+    CliError,
+    emit,
+    human_age,
+    human_bytes,
+    note,
+)
 from lofictl.player import play
 from lofid import config, errors
 from lofid.errors import LofiError
+
+TICK_SEC = 1.0  # how often a waiting line (the model's preparation) is redrawn
+PREPARING = "the {variant} model for this machine (once per variant; up to a minute for int4)"
+
+
+# -- generate -------------------------------------------------------------------
 
 
 def ask_consent(err: LofiError, yes: bool) -> bool:
@@ -25,75 +42,175 @@ def ask_consent(err: LofiError, yes: bool) -> bool:
         return True
     if not sys.stdin.isatty():
         raise CliError(err.code, f"{err.message} (run with --yes, or `lofictl models download`)")
-    return input(question).strip().lower() in ("y", "yes")
+    try:
+        return input(question).strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
+def utf8_prompt(prompt: str) -> str:
+    """The prompt as given, or INVALID_PARAMS where the shell passed bytes that are not UTF-8."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raw = prompt[e.start:e.end].encode("utf-8", "surrogateescape")
+        raise CliError(INVALID_PARAMS, f"the prompt is not UTF-8 text (byte 0x{raw[0]:02x} at character "
+                       f"{e.start + 1}); lofid takes UTF-8 prompts") from None
+    return prompt
+
+
+def request_generate(c: Client, req: dict, yes: bool) -> dict:
+    """``generate``, asking for consent (once) where the model must be downloaded first."""
+    try:
+        return c.call("generate", req)
+    except LofiError as e:
+        if not (e.code == errors.MODEL_NOT_FOUND and e.data.get("consent_required")):
+            raise
+        if not ask_consent(e, yes):
+            raise CliError(CANCELLED, "no consent to download the model; nothing was generated") from None
+    return c.call("generate", {**req, "allow_download": True})
+
+
+def track_record(c: Client, track_id: str, cached: bool, fallback: dict) -> dict:
+    """The complete track's record as ``track`` gives it, with ``cached``: the same fields
+    whether it was generated now or served from the cache."""
+    try:
+        record = c.call("track", {"track_id": track_id})
+    except LofiError:  # removed by someone else meanwhile
+        record = fallback
+    return {**record, "cached": cached}
 
 
 def cmd_generate(args, settings) -> int:
-    req = {"prompt": args.prompt, "duration_sec": args.duration, "priority": args.priority}
+    req = {"prompt": utf8_prompt(args.prompt), "duration_sec": args.duration, "priority": args.priority}
     if args.seed is not None:
         req["seed"] = args.seed
-    with connect(args, settings) as c:
-        try:
-            r = c.call("generate", req)
-        except LofiError as e:
-            if not (e.code == errors.MODEL_NOT_FOUND and e.data.get("consent_required")):
-                raise
-            if not ask_consent(e, args.yes):
-                raise CliError(e.code, "no consent to download the model; nothing was generated") from None
-            r = c.call("generate", {**req, "allow_download": True})
-        if args.no_wait or r["status"] == "complete":
-            if r["status"] == "complete" and args.play:
-                play(Path(r["path"]))
-            emit(args, r, r.get("path") or r["track_id"])
+    with connect(args, settings, start=True) as c:
+        r = request_generate(c, req, args.yes)
+        if r["status"] == "complete":
+            record = track_record(c, r["track_id"], True, r)
+        elif args.no_wait:
+            emit(args, r, r["track_id"])
             return 0
-        bar = Bar(args.json)
-        model = c.call("status").get("model") or {}
-        if model.get("state") in ("present", "loading"):   # the job waits for the model load
-            bar.show("loading", 0, f"the {model.get('variant', '')} model (the first load of "
-                     "a variant rewrites it: seconds, ~20 s for int4)")
-
-        def on_event(method: str, p: dict) -> None:
-            if method == "generation_progress":
-                eta = f"~{p['eta_sec']:.0f}s" if p.get("eta_sec") is not None else ""
-                bar.show("generating", p["percent"], eta)
-            elif method == "download_progress":
-                bar.show("download", p.get("percent") or 0,
-                         f"{human_bytes(p.get('bytes_done'))}/{human_bytes(p.get('bytes_total'))}")
-
-        def watch(method: str, p: dict) -> bool:
-            return p.get("track_id") == r["track_id"] or method.startswith("download_")
-
-        try:
-            while True:
-                method, p = c.notification(timeout=None if args.timeout is None else args.timeout, match=watch)
-                on_event(method, p)
-                if method == "generation_complete":
-                    break
-                if method == "generation_error":
-                    raise LofiError.from_dict(p)
-        except Disconnected:
-            raise CliError(errors.MODEL_INFERENCE_FAILED, "the daemon went away during the generation") from None
-        finally:
-            bar.done()
+        else:
+            record = track_record(c, r["track_id"], False, wait_for_track(c, r["track_id"], args))
     if args.play:
-        play(Path(p["path"]))
-    emit(args, p, p["path"])
+        play(Path(record["path"]))
+    emit(args, record, record["path"])
     return 0
+
+
+class Watch:
+    """A job's (or a download's) progress on stderr: download, the model's one-time
+    preparation (with its elapsed time), generation."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.bar = Bar(quiet)
+        self.preparing: tuple[str, float] | None = None  # (variant, since)
+
+    def model(self, model: dict) -> None:
+        """The model's state when the wait starts (from ``status``)."""
+        if model.get("state") == "preparing":
+            self.preparing = (model.get("variant"), time.monotonic() - (model.get("state_sec") or 0))
+            self.tick()
+        elif model.get("state") in ("present", "loading"):  # the job waits for the model load
+            self.bar.show("loading", 0, f"the {model.get('variant', '')} model")
+
+    def event(self, method: str, p: dict) -> None:
+        if method == "generation_progress":
+            self.preparing = None
+            eta = f"~{p['eta_sec']:.0f}s" if p.get("eta_sec") is not None else ""
+            self.bar.show("generating", p["percent"], eta)
+        elif method == "download_progress":
+            self.bar.show("download", p.get("percent") or 0,
+                          f"{human_bytes(p.get('bytes_done'))}/{human_bytes(p.get('bytes_total'))}")
+        elif method == "model_preparing":
+            self.preparing = (p.get("variant"), time.monotonic())
+            self.tick()
+
+    def tick(self) -> None:
+        if self.preparing is not None:
+            variant, since = self.preparing
+            self.bar.say("preparing", PREPARING.format(variant=variant), f"{time.monotonic() - since:.0f} s")
+
+
+def follow(c: Client, args, watch: Watch, match: Callable[[str, dict], bool],
+           last: Callable[[str, dict], bool]) -> tuple[str, dict]:
+    """Show the notifications ``match`` accepts until one that is ``last``; -> that one.
+    --timeout bounds the wait for each; the line is redrawn every TICK_SEC meanwhile."""
+    heard = time.monotonic()
+    try:
+        while True:
+            try:
+                method, p = c.notification(timeout=TICK_SEC, match=match)
+            except TimeoutError:
+                if args.timeout is not None and time.monotonic() - heard > args.timeout:
+                    raise CliError(TIMEOUT, f"nothing from lofid for {args.timeout:g} s (--timeout); "
+                                   "it keeps the job") from None
+                watch.tick()
+                continue
+            heard = time.monotonic()
+            watch.event(method, p)
+            if last(method, p):
+                return method, p
+    finally:
+        watch.bar.done()
+
+
+def wait_for_track(c: Client, track_id: str, args) -> dict:
+    """Show the job's progress until it completes (-> the generation_complete payload)."""
+    watch = Watch(args.json)
+    watch.model(c.call("status").get("model") or {})
+
+    def match(method: str, p: dict) -> bool:
+        return p.get("track_id") == track_id or method.startswith("download_") or method == "model_preparing"
+
+    try:
+        method, p = follow(c, args, watch, match, lambda m, p: m in ("generation_complete", "generation_error"))
+    except Disconnected:
+        raise CliError(DISCONNECTED, "lofid went away during the generation") from None
+    if method == "generation_error":
+        raise LofiError.from_dict(p)
+    return p
+
+
+# -- status, stop ---------------------------------------------------------------
 
 
 def cmd_status(args, settings) -> int:
     with connect(args, settings) as c:
         s = c.call("status")
     m = s["model"]
+    since = f" ({m['state_sec']:.0f} s)" if m.get("state") in ("downloading", "preparing", "loading") \
+        and m.get("state_sec") is not None else ""
     lines = [f"lofid {s['version']} (pid {s['pid']}, up {s['uptime_sec']:.0f}s)",
-             f"model: {m.get('state')} {m.get('variant')} {m.get('model_version') or ''} "
+             f"model: {m.get('state')}{since} {m.get('variant')} {m.get('model_version') or ''} "
              f"device={m.get('device') or '-'} provider={m.get('provider') or '-'}",
              f"worker: pid {s['worker']['pid'] or '-'}, restarts {s['worker']['restarts']}"]
+    if isinstance(s.get("settings"), dict):
+        lines.append("settings: " + " ".join(f"{k}={s['settings'].get(k)}" for k in
+                                             ("model_dir", "variant", "device", "threads", "top_k", "temperature",
+                                              "guidance_scale")))
     if s.get("running"):
         lines.append(f"running: {s['running']['track_id']} {s['running']['percent']}%")
     lines += [f"queued {q['position']}: {q['track_id']} [{q['priority']}] {q['prompt'][:60]}" for q in s["queue"]]
     emit(args, s, "\n".join(lines))
     return 0
+
+
+def cmd_stop(args, settings) -> int:
+    with connect(args, settings, check_settings=False) as c:
+        s = c.call("status")
+        dropped = ([s["running"]["track_id"]] if s.get("running") else []) + [q["track_id"] for q in s["queue"]]
+        stop(c, settings)
+    text = f"stopped lofid (pid {s['pid']})"
+    if dropped:
+        text += f"; its unfinished jobs were dropped (ask again to generate them): {' '.join(dropped)}"
+    emit(args, {"stopped": True, "pid": s["pid"], "dropped": dropped}, text)
+    return 0
+
+
+# -- tracks, play ---------------------------------------------------------------
 
 
 def cmd_tracks(args, settings) -> int:
@@ -145,201 +262,71 @@ def tracks_prune(args, settings) -> int:
     return 0
 
 
-# -- config ---------------------------------------------------------------------
-
-
-def cmd_config(args, settings) -> int:
-    settings, sources = config.load_with_sources(cli_flags(args))
-    values = settings.to_dict()
-    where = paths_of(settings)
-    if args.json:
-        emit(args, {"settings": values, "sources": sources, "paths": where}, "")
-        return 0
-    width = max(map(len, values))
-    lines = ["# effective settings: defaults < config file < environment (LOFID_*) < flags"]
-    for key, value in values.items():
-        shown = "unset" if value is None else json.dumps(value) if isinstance(value, str) else str(value).lower() \
-            if isinstance(value, bool) else str(value)
-        lines.append(f"{key:<{width}}  {shown:<44}  # {sources[key]}")
-    lines.append("")
-    lines.append("# paths")
-    pwidth = max(map(len, where))
-    lines += [f"{name:<{pwidth}}  {path}" for name, path in where.items()]
-    emit(args, None, "\n".join(lines))
-    return 0
-
-
-def paths_of(settings: config.Settings) -> dict[str, str]:
-    """Every place lofid reads or writes, with a word on whether it exists."""
-
-    def state(p: Path, what: str = "") -> str:
-        return f"{p}{'' if p.exists() else ' (does not exist yet)'}{what}"
-
-    try:
-        from huggingface_hub import constants as hf
-
-        hf_cache = Path(hf.HF_HUB_CACHE)
-    except ImportError:
-        hf_cache = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME") or
-                        Path.home() / ".cache" / "huggingface") / "hub")
-    cache = settings.cache_dir
-    usage = ""
-    if cache.is_dir():
-        from lofid.broker.tracks import TrackCache
-
-        entries = TrackCache(cache).entries()
-        usage = f" ({len(entries)} tracks, {human_bytes(sum(e.size for e in entries))})"
-    manager = service.Manager.for_platform()
-    units = manager.installed()
-    return {
-        "socket": state(settings.socket),
-        "lock": str(settings.socket.with_name(settings.socket.name + ".lock")),
-        "config file": state(settings.config),
-        "track cache": state(cache, usage),
-        "state": state(settings.state_dir),
-        "models": str(settings.model_dir) if settings.model_dir else f"Hugging Face cache: {state(hf_cache)}",
-        "daemon log": f"{settings.state_dir / 'lofid.log'} (started by lofictl); "
-                      + ("~/Library/Logs/lofid.log (launchd)" if manager.name == "launchd"
-                         else "journalctl --user -u lofid (systemd)"),
-        "service": ", ".join(map(str, units)) if units else f"not installed ({manager.directory})",
-    }
-
-
-# -- service --------------------------------------------------------------------
-
-
-def cmd_service(args, settings) -> int:
-    manager = service.Manager.for_platform(args.manager, args.dir)
-    try:
-        if args.service_cmd == "install":
-            return service_install(args, settings, manager)
-        if args.service_cmd == "uninstall":
-            return service_uninstall(args, manager)
-        return service_status(args, settings, manager)
-    except service.ServiceError as e:
-        raise CliError("SERVICE_FAILED", str(e)) from None
-
-
-def service_install(args, settings, manager: service.Manager) -> int:
-    command = service.lofid_command()
-    files = manager.files(command, settings.socket)
-    manager.directory.mkdir(parents=True, exist_ok=True)
-    if manager.name == "launchd":
-        (Path.home() / "Library" / "Logs").mkdir(parents=True, exist_ok=True)
-    for path, content in files.items():
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(content)
-        os.replace(tmp, path)
-        print(f"wrote {path}", file=sys.stderr)
-    stray = sorted(k for k in os.environ if k.startswith("LOFID_"))
-    if stray:
-        print(f"lofictl: note: the service does not see this shell's {', '.join(stray)}; "
-              f"put settings in {settings.config}", file=sys.stderr)
-    ran = []
-    if not args.no_enable:
-        stop_unmanaged_daemon(settings)
-        ran = manager.activate(next(iter(files)))
-        for argv in ran:
-            print(f"ran: {' '.join(argv)}", file=sys.stderr)
-    emit(args, {"manager": manager.name, "files": [str(p) for p in files], "command": command,
-                "ran": ran}, f"lofid is installed as a {manager.name} service: {' '.join(command)}")
-    return 0
-
-
-def stop_unmanaged_daemon(settings) -> None:
-    """A lofid started by lofictl would keep its lock while the service takes its socket path."""
-    try:
-        with Client(settings.socket, timeout=5) as c:
-            status = c.call("status")
-            pid = status["pid"]
-            if status.get("running") or status.get("queue"):
-                print(f"lofictl: note: lofid (pid {pid}) is busy; it keeps running until you stop it "
-                      "(`lofictl` can then reach the service)", file=sys.stderr)
-                return
-            c.call("shutdown")
-    except (OSError, TimeoutError, LofiError, Disconnected):
-        return
-    print(f"lofictl: stopped the running lofid (pid {pid}) so that the service can take over", file=sys.stderr)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        except PermissionError:
-            return
-        time.sleep(0.1)
-
-
-def service_uninstall(args, manager: service.Manager) -> int:
-    installed = manager.installed()
-    if installed:
-        manager.deactivate()
-    for path in installed:
-        path.unlink(missing_ok=True)
-        print(f"removed {path}", file=sys.stderr)
-    if installed and manager.name == "systemd":
-        manager.run(["systemctl", "--user", "daemon-reload"], check=False)
-    emit(args, {"manager": manager.name, "removed": [str(p) for p in installed]},
-         "lofid service removed" if installed else f"no lofid service was installed in {manager.directory}")
-    return 0
-
-
-def service_status(args, settings, manager: service.Manager) -> int:
-    installed = manager.installed()
-    expected = manager.files(service.lofid_command(), settings.socket)
-    stale = [str(p) for p in installed if p in expected and p.read_bytes() != expected[p]]
-    state = manager.state() if installed else {}
-    result = {"manager": manager.name, "installed": [str(p) for p in installed], "stale": stale, **state}
-    lines = [f"{manager.name}: " + (", ".join(map(str, installed)) if installed
-                                    else f"not installed (`lofictl service install` writes {manager.directory})")]
-    lines += [f"{p}: differs from what this installation would write; run `lofictl service install`" for p in stale]
-    lines += [f"{k}: {v}" for k, v in state.items()]
-    emit(args, result, "\n".join(lines))
-    active = state.get("loaded") or state.get("socket") == "active"
-    return 0 if installed and active else 3
-
-
 def cmd_play(args, settings) -> int:
-    with connect(args, settings) as c:
+    with connect(args, settings, start=True) as c:
         record = c.call("track", {"track_id": args.track})
     if record.get("status") != "complete":
-        raise CliError("TRACK_NOT_READY", f"track {args.track} is {record.get('status')}")
+        raise CliError(TRACK_NOT_READY, f"track {args.track} is {record.get('status')}")
     play(Path(record["path"]))
     return 0
 
 
+# -- models ---------------------------------------------------------------------
+
+
 def cmd_models(args, settings) -> int:
+    if args.models_cmd == "download":
+        return models_download(args, settings)
+    status = None
+    client = running(args, settings)
+    if client is not None:
+        with client:
+            status = client.call("status")
+    if status is not None and isinstance(status.get("settings"), dict):
+        note(f"the models as the running lofid (pid {status['pid']}) sees them")
+        warn_if_settings_differ(status, settings, args)
+        settings = config.from_dict(status["settings"], "the running lofid's status")
+    rows = model_rows(settings, (status or {}).get("model") if status else None)
+    text = "\n".join(f"{'*' if r['default'] else ' '} {r['variant']:5} "
+                     f"{'present' if r['present'] else 'missing'}  {human_bytes(r['bytes']):>9}  "
+                     f"{r['where'] or '(not downloaded)'}"
+                     + (f"  (lofid: {r['daemon_state']})" if r.get("daemon_state") else "") for r in rows)
+    emit(args, rows, text)
+    return 0
+
+
+def model_rows(settings: config.Settings, daemon_model: dict | None) -> list[dict]:
+    """Each variant: present or missing, its size, where; ``daemon_state`` for the running
+    lofid's own variant."""
     from lofid.worker import assets
 
-    if args.models_cmd == "list":
-        rows = []
-        for variant in assets.VARIANTS:
-            loc = assets.locate(variant, settings.model_dir, hash_cache_dir=settings.state_dir)
-            size = sum(p.stat().st_size for f in assets.variant_files(variant)
-                       if loc.root is not None and (p := loc.path(f)).exists())
-            rows.append({"variant": variant, "present": not loc.missing, "missing": loc.missing,
-                         "bytes": size, "where": str(loc.root) if loc.root else None,
-                         "model_version": loc.model_version, "default": variant == settings.variant})
-        text = "\n".join(f"{'*' if r['default'] else ' '} {r['variant']:5} "
-                         f"{'present' if r['present'] else 'missing'}  {human_bytes(r['bytes']):>9}  "
-                         f"{r['where'] or '(not downloaded)'}" for r in rows)
-        emit(args, rows, text)
-        return 0
-    with connect(args, settings) as c:
-        c.call("download_model", {"variant": args.variant or settings.variant, "force": args.force})
-        bar = Bar(args.json)
+    rows = []
+    for variant in assets.VARIANTS:
+        loc = assets.locate(variant, settings.model_dir, hash_cache_dir=settings.state_dir)
+        size = sum(p.stat().st_size for f in assets.variant_files(variant)
+                   if loc.root is not None and (p := loc.path(f)).exists())
+        row = {"variant": variant, "present": not loc.missing, "missing": loc.missing, "bytes": size,
+               "where": str(loc.root) if loc.root else None, "model_version": loc.model_version,
+               "default": variant == settings.variant}
+        if daemon_model is not None and variant == settings.variant:
+            row["daemon_state"] = daemon_model.get("state")
+        rows.append(row)
+    return rows
+
+
+def models_download(args, settings) -> int:
+    with connect(args, settings, start=True) as c:
+        c.call("download_model", {"force": args.force, **({"variant": args.variant} if args.variant else {})})
         try:
-            while True:
-                method, p = c.notification(timeout=None, match=lambda m, p: m.startswith("download_"))
-                if method == "download_progress":
-                    bar.show("download", p.get("percent") or 0,
-                             f"{human_bytes(p.get('bytes_done'))}/{human_bytes(p.get('bytes_total'))}")
-                elif method == "download_error":
-                    raise LofiError.from_dict(p)
-                else:
-                    break
-        finally:
-            bar.done()
+            method, p = follow(c, args, Watch(args.json),
+                               lambda m, p: m.startswith("download_") or m == "model_preparing",
+                               lambda m, p: m in ("download_complete", "download_error"))
+        except Disconnected:
+            raise CliError(DISCONNECTED, "lofid went away during the download") from None
+    if method == "download_error":
+        raise LofiError.from_dict(p)
+    if p.get("prepare_error"):
+        e = p["prepare_error"]
+        note(f"downloaded, but the first load failed: {e.get('code')}: {e.get('message')}")
     emit(args, p, f"downloaded {p.get('variant')} ({p.get('model_version')})")
     return 0

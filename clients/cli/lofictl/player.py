@@ -6,7 +6,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from lofictl.output import CliError
+from lofictl.output import NO_PLAYER, PLAYER_FAILED, CliError
 
 PLAYERS = (
     ("pw-play", []),
@@ -29,6 +29,12 @@ def find_player() -> list[str] | None:
 def play(path: Path) -> None:
     player = find_player()
     if player is None:
-        raise CliError("NO_PLAYER", f"no audio player found (tried {', '.join(n for n, _ in PLAYERS)}); "
+        raise CliError(NO_PLAYER, f"no audio player found (tried {', '.join(n for n, _ in PLAYERS)}); "
                        f"the track is {path}")
-    subprocess.run([*player, str(path)], check=False)  # an argument list: never a shell
+    try:
+        done = subprocess.run([*player, str(path)], check=False)  # an argument list: never a shell
+    except OSError as e:
+        raise CliError(PLAYER_FAILED, f"cannot run {player[0]}: {e.strerror or e}; the track is {path}") from None
+    if done.returncode != 0:
+        raise CliError(PLAYER_FAILED, f"{Path(player[0]).name} exited with status {done.returncode}; "
+                       f"the track is {path}")
