@@ -157,6 +157,9 @@ class Worker:
         except LofiError as e:
             log.warning("downloaded %s but cannot prepare it: %s: %s", variant, e.code, e.message)
             result["prepare_error"] = e.to_dict()
+        except Exception as e:  # MemoryError, or a bug in the engine's load
+            log.exception("downloaded %s but cannot prepare it", variant)
+            result["prepare_error"] = {"code": errors.INTERNAL, "message": f"{type(e).__name__}: {e}"}
         return result
 
     def _prepare_other(self, root: Path, variant: str) -> None:
