@@ -39,6 +39,8 @@ def test_stop_stops_the_daemon_and_drops_unfinished_jobs(env):  # noqa: F811
     assert r.returncode == 0 and "started lofid" in r.stderr, r.stderr
     assert f"stopped lofid (pid {json.loads(lofictl(env, '--json', 'status').stdout)['pid']})" in \
         lofictl(env, "stop").stdout
+    help_text = lofictl(env, "--help").stdout
+    assert "stop the running lofid" in help_text and "until `lofictl stop`" in help_text
 
 
 def test_status_reports_the_settings_and_a_different_shell_is_told(env, short_tmp):  # noqa: F811
