@@ -24,7 +24,7 @@ from lofictl.output import (
     human_bytes,
     note,
 )
-from lofictl.player import play
+from lofictl.player import StreamPlayback, find_player, play
 from lofid import config, errors
 from lofid.errors import LofiError
 
@@ -81,20 +81,44 @@ def track_record(c: Client, track_id: str, cached: bool, fallback: dict) -> dict
     return {**record, "cached": cached}
 
 
+def stream_playback(args) -> StreamPlayback | None:
+    """With --play (and waiting): a playback from the stream, where a player reads PCM on stdin."""
+    found = find_player(stream=True) if args.play and not args.no_wait else None
+    return StreamPlayback(*found) if found is not None else None
+
+
 def cmd_generate(args, settings) -> int:
     req = {"prompt": utf8_prompt(args.prompt), "duration_sec": args.duration, "priority": args.priority}
     if args.seed is not None:
         req["seed"] = args.seed
+    playback = stream_playback(args)
     with connect(args, settings, start=True) as c:
-        r = request_generate(c, req, args.yes)
-        if r["status"] == "complete":
+        try:
+            r = request_generate(c, {**req, "stream": True} if playback else req, args.yes)
+        except LofiError as e:
+            if not (playback and e.code == errors.INVALID_PARAMS and "stream" in e.message):
+                raise
+            playback = None  # a lofid without streaming: the file is played once complete
+            r = request_generate(c, req, args.yes)
+        if r["status"] == "complete":  # from the cache: no chunks come
             record = track_record(c, r["track_id"], True, r)
         elif args.no_wait:
             emit(args, r, r["track_id"])
             return 0
         else:
-            record = track_record(c, r["track_id"], False, wait_for_track(c, r["track_id"], args))
-    if args.play:
+            try:
+                record = track_record(c, r["track_id"], False, wait_for_track(c, r["track_id"], args, playback))
+            except BaseException:
+                if playback is not None:
+                    playback.abort()
+                raise
+    if playback is not None and playback.started:
+        try:
+            playback.wait(record["path"])
+        except BaseException:
+            playback.abort()
+            raise
+    elif args.play:
         play(Path(record["path"]))
     emit(args, record, record["path"])
     return 0
@@ -104,9 +128,10 @@ class Watch:
     """A job's (or a download's) progress on stderr: download, the model's one-time
     preparation (with its elapsed time), generation."""
 
-    def __init__(self, quiet: bool) -> None:
+    def __init__(self, quiet: bool, playback: StreamPlayback | None = None) -> None:
         self.bar = Bar(quiet)
         self.preparing: tuple[str, float] | None = None  # (variant, since)
+        self.playback = playback  # gets the audio_chunk notifications
 
     def model(self, model: dict) -> None:
         """The model's state when the wait starts (from ``status``)."""
@@ -127,6 +152,8 @@ class Watch:
         elif method == "model_preparing":
             self.preparing = (p.get("variant"), time.monotonic())
             self.tick()
+        elif method == "audio_chunk" and self.playback is not None:
+            self.playback.chunk(p)
 
     def tick(self) -> None:
         if self.preparing is not None:
@@ -157,9 +184,10 @@ def follow(c: Client, args, watch: Watch, match: Callable[[str, dict], bool],
         watch.bar.done()
 
 
-def wait_for_track(c: Client, track_id: str, args) -> dict:
-    """Show the job's progress until it completes (-> the generation_complete payload)."""
-    watch = Watch(args.json)
+def wait_for_track(c: Client, track_id: str, args, playback: StreamPlayback | None = None) -> dict:
+    """Show the job's progress (and pass its chunks to ``playback``) until it completes
+    (-> the generation_complete payload)."""
+    watch = Watch(args.json, playback)
     watch.model(c.call("status").get("model") or {})
 
     def match(method: str, p: dict) -> bool:
