@@ -221,3 +221,9 @@ def add_arguments(parser) -> None:
 
 def flags_from(namespace) -> dict[str, Any]:
     return {k: getattr(namespace, k, None) for k in FIELDS}
+
+
+def from_dict(values: Mapping[str, Any], source: str) -> Settings:
+    """Settings from a map such as ``Settings.to_dict()`` gives (a running daemon's, from its
+    status): each value converted as a config key's is; keys this version lacks are ignored."""
+    return Settings(**{k: None if v is None else _convert(k, v, source) for k, v in values.items() if k in FIELDS})

@@ -66,9 +66,10 @@ def socket_path_of(sock: socket.socket, configured: Path) -> Path:
     return configured  # abstract or unnamed: lock the configured path instead
 
 
-async def serve(settings: config.Settings, sock: socket.socket | None = None, socket_path: Path | None = None) -> int:
+async def serve(settings: config.Settings, sock: socket.socket | None = None, socket_path: Path | None = None,
+                sources: dict[str, str] | None = None) -> int:
     loop = asyncio.get_running_loop()
-    broker = Broker(settings)
+    broker = Broker(settings, sources)
     server = Server(broker, socket_path or settings.socket, settings.max_frame_bytes, settings.frame_timeout_sec)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, sig, broker)
@@ -95,7 +96,7 @@ def _on_signal(sig: int, broker: Broker) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        settings = config.load(config.flags_from(args))
+        settings, sources = config.load_with_sources(config.flags_from(args))
     except config.ConfigError as e:
         print(f"lofid: invalid configuration: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -119,6 +120,6 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot prepare %s: %s", settings.socket.parent, e)
         return EXIT_FAILURE
     try:
-        return asyncio.run(serve(settings, sock, socket_path))
+        return asyncio.run(serve(settings, sock, socket_path, sources))
     finally:
         os.close(lock_fd)

@@ -16,6 +16,11 @@ Audio chunks go out as the real engine cuts them (lofid.worker.spans), one per s
 its frames complete.
 It loads through the same worker code path as the real engine (files located by
 lofid.models first), and returns deterministic audio from the seed.
+
+Environment: LOFID_TEST_LOAD_SLEEP=SECONDS makes every load take that long;
+LOFID_TEST_PREPARE_SLEEP=SECONDS makes a variant's first load on this machine (a mark in
+LOFID_OPTIMIZED_DIR, where the real engine caches its rewritten graphs) a preparation
+(``needs_preparing``) that takes that long.
 """
 
 from __future__ import annotations
@@ -45,10 +50,26 @@ class ScriptedEngine:
         self.root, self.variant, self.threads = root, variant, threads
         self.load_time_sec = 0.0
 
+    @staticmethod
+    def _prepared_mark(variant: str) -> Path | None:
+        if not (os.environ.get("LOFID_TEST_PREPARE_SLEEP") and os.environ.get("LOFID_OPTIMIZED_DIR")):
+            return None
+        return Path(os.environ["LOFID_OPTIMIZED_DIR"]) / f"scripted-{variant}.prepared"
+
+    @classmethod
+    def needs_preparing(cls, root: Path, variant: str, *, device: str = "auto", threads: int | None = None) -> bool:
+        mark = cls._prepared_mark(variant)
+        return mark is not None and not mark.exists()
+
     @classmethod
     def load(cls, root: Path, variant: str, *, device: str = "auto", threads: int | None = None) -> ScriptedEngine:
         if os.environ.get("LOFID_TEST_LOAD_SLEEP"):
             time.sleep(float(os.environ["LOFID_TEST_LOAD_SLEEP"]))
+        if cls.needs_preparing(root, variant):
+            time.sleep(float(os.environ["LOFID_TEST_PREPARE_SLEEP"]))
+            mark = cls._prepared_mark(variant)
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            mark.write_text(str(root))
         if device not in ("auto", "cpu"):
             raise LofiError(errors.MODEL_LOAD_FAILED, f"device {device!r} is not available in the scripted engine")
         return cls(root, variant, threads or 1)

@@ -499,3 +499,12 @@ def test_cached_graphs_of_a_removed_model_are_pruned(tmp_path, monkeypatch):
     MusicGen.load(MODEL, "int8", threads=1)              # prunes as it loads
     assert set(opt.iterdir()) == ours
     assert cache.prune_optimized() == 0
+
+
+@pytest.mark.parametrize("variant", ["int8", "int4"])
+def test_needs_preparing_until_the_first_load_has_cached_the_rewrite(tmp_path, monkeypatch, variant):
+    """The worker says "preparing" (not "loading") for a load that makes the rewrite."""
+    monkeypatch.setenv("LOFID_OPTIMIZED_DIR", str(tmp_path))
+    assert MusicGen.needs_preparing(MODEL, variant, device="cpu")
+    MusicGen.load(MODEL, variant, threads=1)
+    assert not MusicGen.needs_preparing(MODEL, variant, device="cpu")

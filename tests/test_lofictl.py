@@ -47,8 +47,10 @@ def test_generate_starts_the_daemon_and_prints_the_path(env):
 
 
 def test_no_start_and_errors(env):
-    r = lofictl(env, "--no-start", "status")
-    assert r.returncode != 0 and r.stderr.startswith("lofictl: DAEMON_NOT_RUNNING: ")
+    for args in (["status"], ["tracks"], ["stop"], ["--no-start", "generate", "x"], ["generate", "x", "--no-start"]):
+        r = lofictl(env, *args)  # only generate, play and models download start lofid, and never with --no-start
+        assert r.returncode != 0 and r.stderr.startswith("lofictl: NOT_RUNNING: no lofid answers on "), (args, r)
+        assert not Path(env["LOFID_SOCKET"]).exists() and "started lofid" not in r.stderr
     r = lofictl(env, "generate", "x", "--duration", "500")
     assert r.returncode != 0 and r.stderr.strip().endswith(
         "lofictl: INVALID_DURATION: duration_sec must be between 5 and 120, not 500.0")
@@ -103,3 +105,59 @@ def test_models_list(env):
 def test_daemon_subcommand_is_lofid(env):
     r = lofictl(env, "daemon", "--version")
     assert r.returncode == 0 and r.stdout.startswith("lofid ")
+
+
+def test_bad_input_gets_a_code_and_no_traceback(env):
+    assert lofictl(env, "generate", "start me step=0", "--duration", "5", "--seed", "1").returncode == 0
+    bad = [
+        (["generate", b"lofi \xff\xfe piano", "--duration", "5"], "INVALID_PARAMS: the prompt is not UTF-8 text"),
+        (["generate", "x", "--seed", str(2**64)], "INVALID_PARAMS: argument --seed: seed must be an integer"),
+        (["generate", "x", "--seed", "-1"], "INVALID_PARAMS: argument --seed"),
+        (["generate", "x", "--seed", "1.5"], "INVALID_PARAMS: argument --seed"),
+        (["generate", "x", "--duration", "abc"], "INVALID_PARAMS: argument --duration"),
+        (["generate", "x", "--duration", "nan"], "INVALID_DURATION: "),
+        (["generate", " ", "--duration", "5"], "INVALID_PARAMS: prompt is required"),
+        (["generate", "x" * 2001, "--duration", "5"], "INVALID_PARAMS: prompt is 2001 characters"),
+        (["--timeout", "-1", "status"], "INVALID_PARAMS: argument --timeout"),
+        (["status", "--timeout", "nan"], "INVALID_PARAMS: argument --timeout"),
+        (["tracks", "--limit", str(2**70)], "INVALID_PARAMS: cannot send tracks"),
+        (["tracks", "--limit", "-1"], "INVALID_PARAMS: limit must be a non-negative integer"),
+        (["tracks", "prune", "--max-mb", str(2**70)], "INVALID_PARAMS: cannot send cache_prune"),
+        (["play", b"\xff\xfe"], "INVALID_PARAMS: cannot send track: an argument is not UTF-8 text"),
+        (["models", "download", "--variant", "fp64"], "INVALID_PARAMS: argument --variant"),
+        (["bogus"], "INVALID_PARAMS: argument COMMAND: invalid choice: 'bogus'"),
+        ([], "INVALID_PARAMS: the following arguments are required: COMMAND"),
+        (["--socket", "/nonexistent/dir/" + "x" * 120, "status"], "NOT_RUNNING: cannot connect to /nonexistent"),
+    ]
+    for args, expected in bad:
+        r = subprocess.run([sys.executable, "-m", "lofictl", *args], env=env, capture_output=True, timeout=60,
+                           stdin=subprocess.DEVNULL)
+        err = r.stderr.decode()
+        assert r.returncode not in (0, None) and "Traceback" not in err, (args, err)
+        assert err.strip().splitlines()[-1].startswith(f"lofictl: {expected}"), (args, err)
+    status = json.loads(lofictl(env, "--json", "status").stdout)  # the daemon took none of it badly
+    assert status["queue"] == [] and status["worker"]["restarts"] == 0
+
+
+def test_global_flags_go_before_or_after_the_command(env, short_tmp):
+    before = lofictl(env, "--json", "--timeout", "30", "generate", "flags step=0", "--duration", "5", "--seed", "4")
+    after = lofictl(env, "generate", "flags step=0", "--json", "--duration", "5", "--seed", "4", "--timeout", "30")
+    assert before.returncode == 0 and after.returncode == 0, (before.stderr, after.stderr)
+    fresh, cached = json.loads(before.stdout), json.loads(after.stdout)
+    # a cached result carries the same fields as a fresh one
+    assert (fresh["cached"], cached["cached"]) == (False, True) and set(fresh) == set(cached)
+    assert {k: v for k, v in fresh.items() if k not in ("cached", "accessed_at")} == \
+        {k: v for k, v in cached.items() if k not in ("cached", "accessed_at")}
+    assert json.loads(lofictl(env, "status", "--json").stdout)["pid"] > 0
+    assert json.loads(lofictl(env, "tracks", "--json").stdout)[0]["track_id"] == fresh["track_id"]
+    r = lofictl(env, "status", "--socket", str(short_tmp / "elsewhere.sock"))
+    assert r.returncode != 0 and f"NOT_RUNNING: no lofid answers on {short_tmp / 'elsewhere.sock'}" in r.stderr
+    r = lofictl(env, "generate", "other step=0", "--socket", str(short_tmp / "elsewhere.sock"), "--no-start")
+    assert r.returncode != 0 and "--no-start was given" in r.stderr
+    other = short_tmp / "other.toml"
+    other.write_text("top_k = 9\n")
+    out = json.loads(lofictl(env, "config", "--no-start", "--config", str(other), "--socket",
+                             str(short_tmp / "elsewhere.sock"), "--json").stdout)
+    assert out["settings"]["top_k"] == 9 and out["sources"]["config"] == "flag --config"
+    r = lofictl(env, "tracks", "rm", fresh["track_id"], "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)[0]["track_id"] == fresh["track_id"]

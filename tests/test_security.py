@@ -194,15 +194,16 @@ def test_the_player_is_spawned_without_a_shell(short_tmp, tmp_path):
                             "--seed", "3", "--play"], env=env, capture_output=True, text=True, timeout=90,
                            cwd=short_tmp, stdin=subprocess.DEVNULL)
         assert r.returncode == 0, r.stderr
+        path = json.loads(r.stdout)["path"]
+        assert Path(path).parent == evil and path.endswith(".wav") and Path(path).is_file()
         argv = json.loads((tmp_path / "player-argv.json").read_text())
         (tmp_path / "player-argv.json").unlink()
-        assert len(argv) == 1 and Path(argv[0]).parent == evil and argv[0].endswith(".wav")
-        assert Path(argv[0]).is_file()
-        tid = Path(argv[0]).stem
-        r = subprocess.run([sys.executable, "-m", "lofictl", "--no-start", "play", tid], env=env,
+        # played from the stream (PCM on stdin: no path in its argv), or the file by its path
+        assert argv in (["--format", "s16", "--rate", "32000", "--channels", "1", "-"], [path])
+        r = subprocess.run([sys.executable, "-m", "lofictl", "--no-start", "play", Path(path).stem], env=env,
                            capture_output=True, text=True, timeout=60, cwd=short_tmp)
         assert r.returncode == 0, r.stderr
-        assert json.loads((tmp_path / "player-argv.json").read_text()) == argv
+        assert json.loads((tmp_path / "player-argv.json").read_text()) == [path]
     finally:
         shutdown_daemon_at(short_tmp / "run" / "lofid.sock")
     for where in (short_tmp, evil, tmp_path, Path.cwd(), Path("/")):

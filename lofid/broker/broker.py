@@ -31,8 +31,9 @@ MB = 1_000_000  # cache_max_mb is in MB, as lofictl prints sizes
 
 
 class Broker:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, sources: dict[str, str] | None = None) -> None:
         self.settings = settings
+        self.sources = sources or {}  # per setting, where its value came from (config.load_with_sources)
         self.cache = TrackCache(settings.cache_dir)
         self.queue = JobQueue()
         self.supervisor = Supervisor(settings)
@@ -40,6 +41,7 @@ class Broker:
         self.started = time.monotonic()
         self.model: dict[str, Any] = {"state": "locating", "variant": settings.variant, "model_version": None,
                                       "device": None, "provider": None}
+        self.model_since = time.monotonic()  # when model["state"] last changed
         self.location: models.ModelLocation | None = None
         self.progress: Progress | None = None
         self.download_waiters: set[Connection] = set()
@@ -69,8 +71,21 @@ class Broker:
         self.location = loc
         self.model.update(model_version=loc.model_version)
         if self.model["state"] in ("locating", "missing", "present"):
-            self.model["state"] = "missing" if loc.missing else "present"
+            self.set_model(state="missing" if loc.missing else "present")
         return loc
+
+    def set_model(self, **fields: Any) -> None:
+        """Update what status tells of the model, and when its state changed."""
+        if fields.get("state", self.model["state"]) != self.model["state"]:
+            self.model_since = time.monotonic()
+        self.model.update(fields)
+
+    async def settle_model_state(self) -> None:
+        """After a worker call failed or a download ended: a state the worker left midway
+        (downloading, preparing, loading) becomes what the files on disk say."""
+        if self.model["state"] in ("downloading", "preparing", "loading"):
+            self.set_model(state="locating")
+            await self.locate()
 
     async def model_location(self) -> models.ModelLocation:
         if self.location is None:
@@ -126,6 +141,7 @@ class Broker:
             record = await asyncio.to_thread(self.cache.put, record)
         except LofiError as e:
             self.fail(job, e)
+            await self.settle_model_state()
             if e.code == errors.MODEL_DOWNLOAD_FAILED:  # every job waiting for that model fails with it
                 for other in self.queue.drain():
                     self.fail(other, e)
@@ -147,14 +163,15 @@ class Broker:
             result = await self.supervisor.call({"op": "download", "variant": variant, "force": force},
                                                 lambda ev: self.on_worker_event(ev, None, waiters))
         except LofiError as e:
-            self.model["state"] = "missing"
             self._broadcast(waiters, "download_error", {**e.to_dict(), "code": errors.MODEL_DOWNLOAD_FAILED}
                             if e.code != errors.MODEL_DOWNLOAD_FAILED else e.to_dict())
         else:
+            await self.settle_model_state()
             await self.locate()  # before telling anyone: the next generate must hash with the new version
             self._broadcast(waiters, "download_complete", {"repo": variants.REPO, **result})
         finally:
             self.downloading = False
+            await self.settle_model_state()
             if self.location is None or self.location.missing:
                 await self.locate()
 
@@ -168,7 +185,13 @@ class Broker:
         elif kind == "audio" and job is not None:
             job.stream.add(ev)
         elif kind == "model":
-            self.model.update(ev)
+            if ev["state"] == "preparing":
+                self._broadcast(waiters if waiters is not None else job.waiters, "model_preparing",
+                                {"variant": ev["variant"]})
+                self.set_status(f"preparing the {ev['variant']} model (one-time)")
+            if ev.get("variant", self.settings.variant) != self.settings.variant:
+                return  # a download of another variant: status describes this daemon's model
+            self.set_model(**ev)
             self.downloading = ev["state"] == "downloading"
         elif kind == "download_progress":
             if ev.get("percent") is not None:
@@ -252,11 +275,13 @@ class Broker:
         result = {
             "version": lofid.__version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
             "uptime_sec": round(time.monotonic() - self.started, 3),
-            "model": dict(self.model),
+            "model": {**self.model, "state_sec": round(time.monotonic() - self.model_since, 1)},
             "worker": {"pid": self.supervisor.pid, "restarts": self.supervisor.restarts},
             "queue": [{"track_id": j.track_id, "position": self.queue.position(j), "priority": j.priority,
                        "prompt": j.prompt} for j in self.queue.pending()],
             "downloading": self.downloading or self.download_variant is not None,
+            "settings": self.settings.to_dict(),
+            "settings_sources": dict(self.sources),
         }
         if running is not None:
             result["running"] = {"track_id": running.track_id,

@@ -101,17 +101,32 @@ class Worker:
 
         self.send({"ev": "model", "state": "downloading", "variant": variant})
         loc = download.download(variant, progress=lambda p: self.send({"ev": "download_progress", **p}), force=force)
+        if self.engine is not None and variant != self.settings.variant:
+            self.send({"ev": "model", "state": "present", "variant": self.settings.variant})
         self.engine = None  # files may have changed under a loaded engine
         return loc
+
+    def _engine_class(self):
+        module, _, name = self.settings.engine.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def _load_state(self, engine_cls, root: Path, variant: str) -> str:
+        """"preparing" where this load is the variant's one-time preparation for this machine
+        (the engine's ``needs_preparing``: a graph rewrite to make and cache), else "loading"."""
+        needs_preparing = getattr(engine_cls, "needs_preparing", None)
+        if needs_preparing is None:
+            return "loading"
+        s = self.settings
+        return "preparing" if needs_preparing(root, variant, device=s.device, threads=s.threads) else "loading"
 
     def _ensure_engine(self, allow_download: bool):
         loc = self._locate(allow_download)
         if self.engine is not None and self.engine_version == loc.model_version:
             return loc
         s = self.settings
-        self.send({"ev": "model", "state": "loading", "variant": s.variant, "model_version": loc.model_version})
-        module, _, name = s.engine.partition(":")
-        engine_cls = getattr(importlib.import_module(module), name)
+        engine_cls = self._engine_class()
+        self.send({"ev": "model", "state": self._load_state(engine_cls, loc.root, s.variant), "variant": s.variant,
+                   "model_version": loc.model_version})
         self.engine = engine_cls.load(loc.root, s.variant, device=s.device, threads=s.threads)
         self.engine_version = loc.model_version
         self.send({"ev": "model", "state": "ready", "variant": s.variant, "model_version": loc.model_version,
@@ -122,8 +137,32 @@ class Worker:
     # -- requests --------------------------------------------------------------
 
     def download(self, msg: dict) -> dict:
-        loc = self._download(msg.get("variant") or self.settings.variant, bool(msg.get("force")))
-        return {"variant": loc.variant, "model_version": loc.model_version}
+        """Download a variant, then prepare it at once rather than on the first request: this
+        daemon's own variant is loaded (and kept); another one is loaded where it needs
+        preparing, then dropped. A failed preparation does not fail the download: the result
+        carries it as ``prepare_error`` (the next load reports it again)."""
+        variant = msg.get("variant") or self.settings.variant
+        loc = self._download(variant, bool(msg.get("force")))
+        result = {"variant": loc.variant, "model_version": loc.model_version}
+        try:
+            if variant == self.settings.variant:
+                self._ensure_engine(allow_download=False)
+            else:
+                self._prepare_other(loc.root, variant)
+        except LofiError as e:
+            log.warning("downloaded %s but cannot prepare it: %s: %s", variant, e.code, e.message)
+            result["prepare_error"] = e.to_dict()
+        except Exception as e:  # MemoryError, or a bug in the engine's load
+            log.exception("downloaded %s but cannot prepare it", variant)
+            result["prepare_error"] = {"code": errors.INTERNAL, "message": f"{type(e).__name__}: {e}"}
+        return result
+
+    def _prepare_other(self, root: Path, variant: str) -> None:
+        engine_cls = self._engine_class()
+        if self._load_state(engine_cls, root, variant) == "preparing":
+            s = self.settings
+            self.send({"ev": "model", "state": "preparing", "variant": variant})
+            engine_cls.load(root, variant, device=s.device, threads=s.threads)  # cached by the engine; dropped
 
     def generate(self, msg: dict) -> dict:
         from lofid.worker import wav

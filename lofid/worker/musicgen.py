@@ -178,6 +178,23 @@ class MusicGen:
         engine.load_time_sec = time.perf_counter() - start
         return engine
 
+    @classmethod
+    def needs_preparing(cls, root: Path | str, variant: str, *, device: str = "auto",
+                        threads: int | None = None) -> bool:
+        """Whether loading ``variant`` here first makes and caches its rewritten decoder:
+        the one-time preparation of a variant for this machine (bench/RESULTS.md)."""
+        v = variants.get(variant)
+        if select("cpu" if v.cpu_only else device, ort.get_available_providers()).device != "cpu":
+            return False
+        spec = variants.file_roles(variant)
+        step = "decoder_with_past" if "decoder_with_past" in spec else "decoder"
+        kind = cache.rewrite_kind(v.nbits, True, kv_int8=v.kv_int8 and step == "decoder")
+        try:
+            cached, _ = cache.cache_file(Path(root), spec[step], kind)
+        except OSError:
+            return True
+        return not cached.is_file()
+
     def _quantize_kv_cache(self, rel: str, nbits: int | None, providers: list) -> None:
         """The first load of a ``kv_int8`` variant: calibrate the cache's scales on this
         engine (float cache, kvquant.py), then swap in ``rel`` rewritten onto an int8

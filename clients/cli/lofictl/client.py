@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lofid import rpc
+from lofid import errors, rpc
 from lofid.errors import LofiError
 
 
@@ -57,8 +57,16 @@ class Client:
                 self.notifications.append((msg.method, msg.params[0] if msg.params else {}))
 
     def send(self, method: str, arg: dict | None = None) -> int:
+        """Send a request; INVALID_PARAMS where msgpack cannot carry ``arg`` (an integer past
+        64 bits, a string that is not Unicode text)."""
         msgid = next(self._ids)
-        self.sock.sendall(rpc.request(msgid, method, [] if arg is None else [arg]))
+        try:
+            frame = rpc.request(msgid, method, [] if arg is None else [arg])
+        except UnicodeEncodeError:
+            raise LofiError(errors.INVALID_PARAMS, f"cannot send {method}: an argument is not UTF-8 text") from None
+        except (OverflowError, TypeError, ValueError) as e:
+            raise LofiError(errors.INVALID_PARAMS, f"cannot send {method}: {e}") from None
+        self.sock.sendall(frame)
         return msgid
 
     def response(self, msgid: int, timeout: float | None = None) -> Any:

@@ -1,0 +1,109 @@
+"""`lofictl generate --play` and `lofictl play` with recording players on PATH: a player
+that reads PCM on stdin plays the track from the stream while it is generated; one that
+cannot (afplay) plays the file once complete, and so does every cache hit."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import wave
+from pathlib import Path
+
+import pytest
+from lofictl.client import Client
+from test_lofictl import env, lofictl  # noqa: F401  (env is a fixture)
+
+from lofid.errors import LofiError
+
+
+def fake_players(short_tmp: Path, names: tuple[str, ...], status: int = 0) -> tuple[Path, Path]:
+    """Players that record their argv (one JSON line per run) and what they read on stdin
+    (when their argv ends in a stdin marker); -> (bin dir, record dir)."""
+    bindir, records = short_tmp / "bin", short_tmp / "played"
+    bindir.mkdir(exist_ok=True)
+    records.mkdir(exist_ok=True)
+    for name in names:
+        script = bindir / name
+        script.write_text(f"""#!{sys.executable}
+import json, sys
+with open({str(records / "argv.jsonl")!r}, "a") as f:
+    f.write(json.dumps([{name!r}, *sys.argv[1:]]) + "\\n")
+if sys.argv[-1] in ("-", "pipe:0") or {name!r} == "paplay":
+    with open({str(records / "stdin.pcm")!r}, "wb") as f:
+        f.write(sys.stdin.buffer.read())
+sys.exit({status})
+""")
+        script.chmod(0o755)
+    return bindir, records
+
+
+def with_path(env: dict, bindir: Path) -> dict:  # noqa: F811
+    env = {**env, "PATH": f"{bindir}:{os.path.dirname(sys.executable)}:/usr/bin:/bin"}
+    for player in ("pw-play", "paplay", "aplay", "afplay", "ffplay", "mpv", "play"):
+        if not (bindir / player).exists():
+            assert not any((Path(d) / player).exists() for d in env["PATH"].split(":")), f"real {player} on PATH"
+    return env
+
+
+def runs(records: Path) -> list[list[str]]:
+    path = records / "argv.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def pcm_of(wav_path: str) -> bytes:
+    with wave.open(wav_path, "rb") as w:
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, 32000)
+        return w.readframes(w.getnframes())
+
+
+def daemon_streams(env: dict) -> bool:  # noqa: F811
+    """Whether the running lofid takes ``stream`` (an older one answers INVALID_PARAMS)."""
+    with Client(env["LOFID_SOCKET"], timeout=30) as c:
+        try:
+            c.call("generate", {"prompt": "probe step=0", "duration_sec": 5, "seed": 0, "stream": True})
+        except LofiError as e:
+            if e.code == "INVALID_PARAMS" and "stream" in e.message:
+                return False
+            raise
+    return True
+
+
+def test_generate_play_streams_to_a_player_reading_stdin(env, short_tmp):  # noqa: F811
+    bindir, records = fake_players(short_tmp, ("aplay", "afplay"))
+    env = with_path(env, bindir)
+    assert lofictl(env, "status").returncode != 0  # none yet: the next one starts it
+    assert lofictl(env, "generate", "start step=0", "--duration", "5", "--seed", "9").returncode == 0
+    if not daemon_streams(env):
+        pytest.skip("this lofid has no `stream` on generate yet")
+    r = lofictl(env, "--json", "generate", "streamed step=0.005", "--duration", "6", "--seed", "1", "--play")
+    assert r.returncode == 0, r.stderr
+    record = json.loads(r.stdout)
+    assert record["cached"] is False
+    # aplay (the first player that reads stdin; afplay cannot) got raw PCM, and exactly the WAV's samples
+    assert runs(records) == [["aplay", "-q", "-t", "raw", "-f", "S16_LE", "-r", "32000", "-c", "1", "-"]]
+    assert (records / "stdin.pcm").read_bytes() == pcm_of(record["path"])
+    # a cache hit sends no chunks: the file is played
+    r = lofictl(env, "--json", "generate", "streamed step=0.005", "--duration", "6", "--seed", "1", "--play")
+    assert r.returncode == 0 and json.loads(r.stdout)["cached"] is True, r.stderr
+    assert runs(records)[-1] == ["aplay", "-q", record["path"]]
+
+
+def test_a_player_that_cannot_read_stdin_plays_the_file_when_complete(env, short_tmp):  # noqa: F811
+    bindir, records = fake_players(short_tmp, ("afplay",))
+    env = with_path(env, bindir)
+    r = lofictl(env, "--json", "generate", "file step=0.002", "--duration", "5", "--seed", "2", "--play")
+    assert r.returncode == 0, r.stderr
+    record = json.loads(r.stdout)
+    assert runs(records) == [["afplay", record["path"]]] and Path(record["path"]).is_file()
+    assert not (records / "stdin.pcm").exists()
+
+
+def test_a_failing_player_is_player_failed(env, short_tmp):  # noqa: F811
+    bindir, records = fake_players(short_tmp, ("aplay",), status=3)
+    env = with_path(env, bindir)
+    r = lofictl(env, "generate", "fails step=0.002", "--duration", "5", "--seed", "3", "--play")
+    assert r.returncode != 0 and "lofictl: PLAYER_FAILED: aplay exited with status 3; the track is " in r.stderr
+    assert len(runs(records)) == 1
+    r = lofictl(with_path(env, short_tmp / "nothing"), "play", Path(r.stderr.split()[-1]).stem)
+    assert r.returncode != 0 and "lofictl: NO_PLAYER: no audio player found" in r.stderr
