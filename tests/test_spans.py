@@ -132,3 +132,21 @@ def test_start_after_is_zero_ahead_of_real_time_and_covers_the_latest_chunk(step
             late.append(elapsed - offsets[len(late)])
     assert wait >= max(late) > 0
     assert wait <= max(late) * (1 + pacing.MARGIN) + pacing.SLACK_SEC + 1e-6 + pacing.MARGIN * max(offsets)
+
+
+def test_each_request_teaches_the_next_its_step_growth_and_encodec_pace():
+    clock = Clock()
+    pacer = Pacer(clock)
+    for position in range(1, 600):
+        clock.now += 0.02 * (1 + 2e-3 * position)      # 20 ms, growing 0.2 % a position
+        pacer.step(position)
+    pacer.codec(20, 0.5)                               # the first run pays for the session
+    pacer.codec(100, 0.2)
+    pacer.codec(100, 0.2)
+    pace = pacer.learned()
+    assert pace.step_growth == pytest.approx(2e-3, rel=0.02)
+    assert pace.codec_sec_per_frame == pytest.approx(0.002)
+    later = Pacer(clock, pace)
+    later.codec(20, 0.5)
+    assert later.codec_sec_per_frame() == pytest.approx(0.002)
+    assert pacing.fit_growth([(p, 0.02) for p in range(1, 60)]) is None   # too few positions to tell

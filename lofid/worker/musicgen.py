@@ -46,6 +46,7 @@ from lofid.worker.decoder import Decoder, present_name
 from lofid.worker.device import INSTALL_HINT, PROVIDER, DeviceChoice, resolve_threads, select
 from lofid.worker.graphs import cache, kvquant
 from lofid.worker.model_config import ModelConfig
+from lofid.worker.pacing import Pace
 from lofid.worker.sampling import SamplingParams, guide, sample
 from lofid.worker.sessions import REPAIR
 from lofid.worker.spans import SpanDecoder
@@ -118,7 +119,7 @@ class MusicGen:
         self.window_frames = min(round(WINDOW_SEC * self.frame_rate),
                                  config.max_positions - config.num_codebooks)
         self.stride_frames = min(round(STRIDE_SEC * self.frame_rate), self.window_frames - 1)
-        self._codec_sec_per_frame: float | None = None   # EnCodec's pace, for the next stream
+        self._pace: Pace | None = None   # what the last request measured, for the next stream
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -266,12 +267,12 @@ class MusicGen:
         stream = AudioStream(frames, self.hop_length, self.sample_rate, self.num_codebooks,
                              plan_windows(frames, self.window_frames, self.stride_frames),
                              lambda codes: self.encodec_run(codes, encodec[0]), on_chunk,
-                             codec_hint=self._codec_sec_per_frame)
+                             pace=self._pace)
         try:
             codes = self.generate_codes(prompt, frames, seed, top_k=top_k, temperature=temperature,
                                         guidance_scale=guidance_scale, progress=progress, stream=stream)
             audio = stream.finish(codes)
-            self._codec_sec_per_frame = stream.pacer.steady_codec_sec_per_frame()
+            self._pace = stream.pacer.learned()
             return audio
         finally:
             encodec.clear()   # a mapped session is closed before the heap is trimmed

@@ -2,12 +2,14 @@
 later chunk arrives after its play time.
 
 When the first chunk goes out, the generation so far has shown how long a decoder step
-and an EnCodec run take here. ``Pacer`` replays the rest of the request on that clock:
-every remaining step (a step's cost grows with the attention's length, ``STEP_GROWTH``
-per position), every window's re-prime, every span's EnCodec run, and finds the chunk
-that would be latest against its play time. The wait is that lateness with a margin,
-or 0 when generation runs ahead of real time. The constants are measured on a full-size
-model (bench/RESULTS.md, "Streaming").
+takes here now. ``Pacer`` replays the rest of the request on that clock: every remaining
+step (a step's cost grows with the attention's length), every window's re-prime, every
+span's EnCodec run, and finds the chunk that would be latest against its play time. The
+wait is that lateness with a margin, or 0 when generation runs ahead of real time.
+
+How fast a step's cost grows and what an EnCodec frame costs depend on the machine and
+the variant, so each request teaches the next (``Pace``); the first request of a worker
+uses the defaults here, measured on a full-size model (bench/RESULTS.md, "Streaming").
 """
 
 from __future__ import annotations
@@ -15,24 +17,33 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-STEP_GROWTH = 6e-4     # a step's cost grows by this share of the first step's per position
+STEP_GROWTH = 1e-3     # a step's cost grows by this share of the first step's per position
 PREFILL_SHARE = 0.25   # a re-prime costs this share of a step per primed position
-MARGIN = 0.15          # predicted work is stretched by this share (other load, noise) ...
-SLACK_SEC = 0.1        # ... plus this much
+MARGIN = 0.05          # predicted work is stretched by this share (other load, noise) ...
+SLACK_SEC = 0.3        # ... plus this much
+GROWTH_BIN = 50        # positions per bin when a request's step times are fitted
+
+
+@dataclass(frozen=True)
+class Pace:
+    """What one request measured, for the next one's prediction."""
+    step_growth: float = STEP_GROWTH            # per position, as a share of a step at 0
+    codec_sec_per_frame: float | None = None    # EnCodec, once its session is warm
 
 
 class Pacer:
     """Records the step and EnCodec times of one request and predicts the rest.
 
-    ``codec_hint``: seconds per decoded frame of EnCodec seen in an earlier request (a
-    request's first EnCodec run also pays the session's one-time costs)."""
+    ``pace``: what an earlier request measured (a request's first EnCodec run also pays
+    the session's one-time costs, and chunk 0 comes too early to see the growth)."""
 
-    def __init__(self, clock=time.monotonic, codec_hint: float | None = None) -> None:
+    def __init__(self, clock=time.monotonic, pace: Pace | None = None) -> None:
         self.clock = clock
         self.step_times: list[tuple[int, float]] = []    # (attention length, seconds)
         self.codec_runs: list[tuple[int, float]] = []    # (frames decoded, seconds)
-        self.codec_hint = codec_hint
+        self.pace = pace or Pace()
         self.predicted_sec: float | None = None   # the work left, as start_after saw it
         self._last = clock()
 
@@ -50,24 +61,27 @@ class Pacer:
         self._last = self.clock()   # the EnCodec run is not a step's time
 
     def codec_sec_per_frame(self) -> float:
-        """The hint, else this request's first run (the only one when chunk 0 goes out)."""
-        if self.codec_hint is not None:
-            return self.codec_hint
+        """The learned pace, else this request's first run (the only one at chunk 0)."""
+        if self.pace.codec_sec_per_frame is not None:
+            return self.pace.codec_sec_per_frame
         frames, seconds = self.codec_runs[0] if self.codec_runs else (1, 0.0)
         return seconds / max(1, frames)
 
-    def steady_codec_sec_per_frame(self) -> float | None:
-        """Seconds per frame over this request's EnCodec runs after the first: the next
-        request's hint."""
+    def learned(self) -> Pace:
+        """This request's pace: EnCodec's seconds per frame after its first run, and the
+        steps' growth fitted over their positions (each kept as before where this request
+        shows too little of it)."""
         runs = self.codec_runs[1:] or self.codec_runs
         frames = sum(f for f, _ in runs)
-        return sum(s for _, s in runs) / frames if frames else None
+        codec = sum(s for _, s in runs) / frames if frames else self.pace.codec_sec_per_frame
+        growth = fit_growth(self.step_times)
+        return Pace(self.pace.step_growth if growth is None else growth, codec)
 
     def base_step_sec(self) -> float:
         """The cost of a step at position 0, from the median observed step."""
         if not self.step_times:
             return 0.0
-        per_base = [sec / (1 + STEP_GROWTH * pos) for pos, sec in self.step_times]
+        per_base = [sec / (1 + self.pace.step_growth * pos) for pos, sec in self.step_times]
         return statistics.median(per_base)
 
     def start_after(self, remaining: Sequence[tuple[str, int]], chunk_offsets_sec: Sequence[float]) -> float:
@@ -75,12 +89,12 @@ class Pacer:
         ``("prime", positions)`` or ``("chunk", frames decoded)``; the chunks after the
         first, whose play times (seconds from the first chunk's start) are
         ``chunk_offsets_sec``. -> seconds to wait before playing the first chunk."""
-        base = self.base_step_sec()
+        base, growth = self.base_step_sec(), self.pace.step_growth
         codec = self.codec_sec_per_frame()
         elapsed, lateness, chunk = 0.0, 0.0, 0
         for kind, n in remaining:
             if kind == "step":
-                elapsed += base * (1 + STEP_GROWTH * n)
+                elapsed += base * (1 + growth * n)
             elif kind == "prime":
                 elapsed += base * PREFILL_SHARE * n
             else:
@@ -90,6 +104,21 @@ class Pacer:
                 chunk += 1
         self.predicted_sec = elapsed
         return round(lateness, 3) if lateness > SLACK_SEC else 0.0
+
+
+def fit_growth(step_times: Sequence[tuple[int, float]]) -> float | None:
+    """A step's cost as ``a * (1 + growth * position)``: the line through the median step
+    time of each bin of ``GROWTH_BIN`` positions; None with fewer than 3 bins."""
+    bins: dict[int, list[float]] = {}
+    for position, seconds in step_times:
+        bins.setdefault(position // GROWTH_BIN, []).append(seconds)
+    points = [((b + 0.5) * GROWTH_BIN, statistics.median(v)) for b, v in bins.items() if len(v) >= GROWTH_BIN // 2]
+    if len(points) < 3:
+        return None
+    slope, intercept = statistics.linear_regression([x for x, _ in points], [y for _, y in points])
+    if intercept <= 0:
+        return None
+    return min(0.01, max(0.0, slope / intercept))
 
 
 def remaining_work(plans: Sequence[tuple[int, int, int]], num_codebooks: int, window: int, position: int,

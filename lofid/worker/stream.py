@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lofid.worker.pacing import Pacer, remaining_work
+from lofid.worker.pacing import Pace, Pacer, remaining_work
 from lofid.worker.spans import Chunk, SpanDecoder
 
 log = logging.getLogger(__name__)
@@ -38,11 +38,11 @@ class AudioStream:
     def __init__(self, frames: int, hop: int, sample_rate: int, num_codebooks: int,
                  plans: Sequence[tuple[int, int, int]], run: Callable[[np.ndarray], np.ndarray],
                  on_chunk: OnChunk | None = None, clock=time.monotonic,
-                 codec_hint: float | None = None) -> None:
+                 pace: Pace | None = None) -> None:
         self.plans, self.num_codebooks = plans, num_codebooks
         self.hop, self.sample_rate = hop, sample_rate
         self.on_chunk, self.clock = on_chunk, clock
-        self.pacer = Pacer(clock, codec_hint)
+        self.pacer = Pacer(clock, pace)
         self._run = run
         self.spans = SpanDecoder(frames, hop, self._timed_run, self._emit)
         self._at: tuple[int, int] = (0, 0)   # (window, position) last sampled
