@@ -2,6 +2,7 @@
 -- plugin/lofi.lua defines the commands and calls these.
 local errors = require("lofi.errors")
 local lofi = require("lofi")
+local util = require("lofi.util")
 
 local M = {}
 
@@ -43,7 +44,7 @@ end
 M.command_generate = function(fargs)
   local prompt, opts, err = M.parse_args(fargs)
   if err then
-    return lofi.report(errors.new(errors.CODE.INVALID_PARAMS, err))
+    return util.report(errors.new(errors.CODE.INVALID_PARAMS, err))
   end
   if opts.play == nil and lofi.config.play_on_complete then
     opts.play = true
@@ -61,11 +62,11 @@ end
 M.command_status = function()
   lofi.status(function(err, s)
     if err then
-      return lofi.report(err)
+      return util.report(err)
     end
     local model = s.model or {}
     local lines = {
-      string.format("lofid %s (pid %s, up %s)", s.version or "?", s.pid or "?", lofi._clock(s.uptime_sec or 0)),
+      string.format("lofid %s (pid %s, up %s)", s.version or "?", s.pid or "?", util.clock(s.uptime_sec or 0)),
       string.format("model: %s %s, %s (%s)", model.variant or "?", model.state or "?", model.device or "no device yet",
         model.provider or "-"),
     }
@@ -77,23 +78,23 @@ M.command_status = function()
     if player.current then
       table.insert(lines, "playing " .. player.current.path)
     end
-    lofi._notify(table.concat(lines, "\n"))
+    util.notify(table.concat(lines, "\n"))
   end)
 end
 
 M.command_tracks = function()
   lofi.tracks(function(err, records)
     if err then
-      return lofi.report(err)
+      return util.report(err)
     end
     if not records or #records == 0 then
-      return lofi._notify("no tracks yet; make one with :LofiGenerate")
+      return util.notify("no tracks yet; make one with :LofiGenerate")
     end
     vim.ui.select(records, {
       prompt = "lofi: play which track?",
       format_item = function(r)
         local date = r.created_at and os.date("%Y-%m-%d %H:%M", math.floor(r.created_at)) or ""
-        return string.format("%s  %s  %ds  %s", r.track_id, date, r.duration_sec or 0, lofi._short(r.prompt))
+        return string.format("%s  %s  %ds  %s", r.track_id, date, r.duration_sec or 0, util.short(r.prompt))
       end,
     }, function(choice)
       if choice then

@@ -13,7 +13,7 @@ M.reconnect_timer = nil
 M.last_start = nil -- {pid, cmd, log, exit_code} of the last auto-start, for :checkhealth
 
 local function config()
-  return require("lofi").config
+  return require("lofi.config").options
 end
 
 local function is_private_dir(path, uid)

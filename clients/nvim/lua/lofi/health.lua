@@ -31,10 +31,9 @@ end
 
 M.check = function()
   local h = reporter()
-  local lofi = require("lofi")
   local daemon = require("lofi.daemon")
   local errors = require("lofi.errors")
-  local cfg = lofi.config
+  local cfg = require("lofi.config").options
 
   h.start("lofi: Neovim")
   if vim.fn.has("nvim-0.7") == 1 then
