@@ -1,11 +1,7 @@
 """The Neovim plugin (clients/nvim) in a real headless Neovim against a real lofid.
 
-Neovim runs with ``--listen <socket>`` and the plugin on its runtimepath; the test
-drives it over Neovim's own msgpack-rpc (the same dialect as lofid's, so
-``lofictl.client.Client`` speaks it) with ``nvim_exec_lua`` / ``nvim_command`` /
-``nvim_eval``. tests/nvim/harness.lua records ``vim.notify`` messages and answers
-``vim.ui.select`` / ``vim.ui.input`` from queues the test fills. The daemon runs the
-scripted engine (tests/engines.py): ``step=S`` in a prompt sets the time per token.
+The editor is tests/nvim/editor.py's; the daemon runs the scripted engine
+(tests/engines.py): ``step=S`` in a prompt sets the time per token.
 """
 
 from __future__ import annotations
@@ -21,123 +17,17 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, Daemon, make_fake_model, shutdown_daemon_at
 from lofictl.client import Client
+from nvim.editor import LAST_TRACK, NVIM, PLUGIN, Nvim, editors, fake_player, lofid_wrapper, needs_nvim, pid_alive
 
 from lofid import rpc
 from lofid.worker.assets import variant_files
 
-NVIM = os.environ.get("LOFI_TEST_NVIM") or shutil.which("nvim")  # LOFI_TEST_NVIM: another Neovim to test
-pytestmark = pytest.mark.skipif(NVIM is None, reason="nvim is not installed")
-
-PLUGIN = ROOT / "clients" / "nvim"
-HARNESS = ROOT / "tests" / "nvim" / "harness.lua"
-LAST_TRACK = "local t = require('lofi').state.last_track; return t and {track_id = t.track_id, path = t.path}"
-
-
-class Nvim(Client):
-    """A msgpack-rpc client for Neovim's --listen socket."""
-
-    def request(self, method: str, *params, timeout: float | None = None):
-        msgid = next(self._ids)
-        self.sock.sendall(rpc.request(msgid, method, list(params)))
-        return self.response(msgid, timeout)
-
-    def lua(self, code: str, *args, timeout: float | None = None):
-        return self.request("nvim_exec_lua", code, list(args), timeout=timeout)
-
-    def cmd(self, command: str) -> None:
-        self.request("nvim_command", command)
-
-    def wait(self, code: str, *args, timeout: float = 20.0, interval: float = 0.05):
-        """Evaluate Lua until it returns something truthy; return that."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = self.lua(code, *args)
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for: {code}\nmessages: {self.texts()}")
-            time.sleep(interval)
-
-    def texts(self, pattern: str | None = None) -> list[str]:
-        return self.lua("return _G.lofi_test.texts(...)", pattern) or []
-
-    def answer(self, kind: str, *answers) -> None:
-        self.lua("vim.list_extend(_G.lofi_test.answers[...], {select(2, ...)})", kind, *answers)
-
-    def asked(self) -> list[dict]:
-        return self.lua("return _G.lofi_test.asked")
-
-    def last_track(self):
-        return self.lua(LAST_TRACK)
-
-    def statusline(self) -> str:
-        return self.lua("return require('lofi').statusline()")
+pytestmark = needs_nvim
 
 
 @pytest.fixture
 def start_nvim(short_tmp):
-    """start_nvim(env=..., setup={...}) -> Nvim, a headless editor with the plugin loaded."""
-    procs: list[tuple[subprocess.Popen, Nvim]] = []
-
-    def start(env: dict | None = None, setup: dict | None = None, path_prepend: Path | None = None) -> Nvim:
-        n = len(procs)
-        sock = short_tmp / f"nvim{n}.sock"
-        xdg = short_tmp / f"xdg{n}"
-        e = {**os.environ, "XDG_CONFIG_HOME": str(xdg / "config"), "XDG_DATA_HOME": str(xdg / "data"),
-             "XDG_CACHE_HOME": str(xdg / "cache"), "XDG_STATE_HOME": str(xdg / "state")}
-        e.pop("LOFID_SOCKET", None)
-        if path_prepend is not None:
-            e["PATH"] = f"{path_prepend}{os.pathsep}{e.get('PATH', '')}"
-        e.update(env or {})
-        argv = [NVIM, "--headless", "--clean", "-n", "--listen", str(sock),
-                "--cmd", f"set rtp^={PLUGIN}", "--cmd", f"luafile {HARNESS}"]
-        proc = subprocess.Popen(argv, env=e, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=open(short_tmp / f"nvim{n}.log", "ab"), cwd=short_tmp)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client = Nvim(sock, timeout=10)
-                break
-            except OSError as e:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"nvim did not start: {(short_tmp / f'nvim{n}.log').read_text()}") from e
-                time.sleep(0.02)
-        procs.append((proc, client))
-        client.lua("require('lofi').setup(...)", {"progress_interval_ms": 1000, **(setup or {})})
-        return client
-
-    yield start
-    for proc, client in procs:
-        try:
-            client.close()
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def fake_player(tmp: Path) -> tuple[Path, Path]:
-    """A 'player' script that logs "<pid> <file>" per run and plays for 0.4 s."""
-    log = tmp / "player.log"
-    script = tmp / "fakeplay"
-    script.write_text(f'#!/bin/sh\necho "$$ $1" >> {log}\nsleep 0.4\n')
-    script.chmod(0o755)
-    return script, log
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is dead too
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
+    yield from editors(short_tmp)
 
 
 # ---------------------------------------------------------------------------------------
@@ -212,23 +102,9 @@ def test_no_daemon_gives_a_clear_message(start_nvim, short_tmp):
     assert nvim.lua("return _G.lofi_test.messages[1].level") == 4  # vim.log.levels.ERROR
 
 
-def _lofid_wrapper(d: Daemon, bindir: Path) -> Path:
-    """A `lofid` first on PATH that runs `python -m lofid` with the test's flags and env."""
-    bindir.mkdir(parents=True, exist_ok=True)
-    argv = d.argv()
-    i = argv.index("--socket")
-    del argv[i:i + 2]  # the plugin passes --socket itself
-    keep = ("HF_HOME", "PYTHONPATH", "LOFID_ENGINE")
-    exports = "".join(f"export {k}='{d.env[k]}'\n" for k in keep)
-    script = bindir / "lofid"
-    script.write_text("#!/bin/sh\n" + exports + "exec " + " ".join(f"'{a}'" for a in argv) + ' "$@"\n')
-    script.chmod(0o755)
-    return bindir
-
-
 def test_auto_start(short_tmp, start_nvim):
     d = Daemon(short_tmp, model_dir=make_fake_model(short_tmp / "model"))  # not started: the plugin starts it
-    bindir = _lofid_wrapper(d, short_tmp / "bin")
+    bindir = lofid_wrapper(d, short_tmp / "bin")
     nvim = start_nvim(env={"LOFID_SOCKET": str(d.socket)}, path_prepend=bindir, setup={"auto_start": True})
     try:
         nvim.cmd("LofiGenerate started for me step=0.002 duration=5")
