@@ -6,11 +6,17 @@ vim.g.loaded_lofi = 1
 
 vim.api.nvim_create_user_command("LofiGenerate", function(args)
   require("lofi.commands").command_generate(args.fargs)
-end, { nargs = "*", desc = "Generate a lofi track: :LofiGenerate [prompt] [duration=S] [seed=N] [priority=high]" })
+end, {
+  nargs = "*",
+  complete = function(lead)
+    return require("lofi.commands").complete_generate(lead)
+  end,
+  desc = "Generate a lofi track: :LofiGenerate [prompt] [duration=S] [seed=N] [priority=high] [play=true]",
+})
 
 vim.api.nvim_create_user_command("LofiStatus", function()
   require("lofi.commands").command_status()
-end, { nargs = 0, desc = "Show lofid's status" })
+end, { nargs = 0, desc = "Show lofid's status (never starts it)" })
 
 vim.api.nvim_create_user_command("LofiTracks", function()
   require("lofi.commands").command_tracks()
@@ -29,3 +35,13 @@ end, {
 vim.api.nvim_create_user_command("LofiStop", function()
   require("lofi").stop()
 end, { nargs = 0, desc = "Stop the music" })
+
+vim.api.nvim_create_user_command("LofiDaemon", function(args)
+  require("lofi.commands").command_daemon(args.args)
+end, {
+  nargs = 1,
+  complete = function(lead)
+    return require("lofi.commands").complete_daemon(lead)
+  end,
+  desc = "Start, stop or restart lofid, or read its log: :LofiDaemon start|stop|restart|log",
+})

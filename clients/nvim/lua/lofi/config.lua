@@ -31,9 +31,15 @@ M.defaults = {
 
 M.options = vim.deepcopy(M.defaults)
 
---- The defaults with `opts` over them.
+--- The defaults with `opts` over them; `duration` (the command's word) is taken for
+--- `duration_sec`.
 M.set = function(opts)
-  M.options = vim.tbl_extend("force", vim.deepcopy(M.defaults), opts or {})
+  opts = vim.deepcopy(opts or {})
+  if opts.duration ~= nil and opts.duration_sec == nil then
+    opts.duration_sec = opts.duration
+  end
+  opts.duration = nil
+  M.options = vim.tbl_extend("force", vim.deepcopy(M.defaults), opts)
   return M.options
 end
 

@@ -47,7 +47,7 @@ M.download_model = download.start
 
 --- Generate a track. Returns at once; cb(err, record) when the track is finished.
 ---@param prompt string
----@param opts? {duration_sec?: number, seed?: integer, priority?: string, play?: boolean}
+---@param opts? {duration_sec?: number, duration?: number, seed?: integer, priority?: string, play?: boolean}
 ---@param cb? fun(err: table|nil, record: table|nil)
 M.generate = function(prompt, opts, cb)
   opts = opts or {}
@@ -62,8 +62,8 @@ M.generate = function(prompt, opts, cb)
       end
     end)
   end
-  jobs.submit(prompt, { duration_sec = opts.duration_sec, seed = opts.seed, priority = opts.priority,
-    allow_download = opts.allow_download }, callbacks)
+  jobs.submit(prompt, { duration_sec = opts.duration_sec or opts.duration, seed = opts.seed,
+    priority = opts.priority, allow_download = opts.allow_download }, callbacks)
 end
 
 --- The daemon's status map; cb(err, status).
@@ -81,25 +81,46 @@ M.track = function(track_id, cb)
   daemon.request("track", { track_id = track_id }, cb)
 end
 
-local function play_path(path)
+--- What a user calls a track: its prompt, else its file name.
+local function title(track)
+  if track.prompt then
+    return "“" .. util.short(track.prompt) .. "”"
+  end
+  return vim.fn.fnamemodify(track.path, ":t")
+end
+
+local function play_track(track)
   local player = require("lofi.player")
-  local err = player.play(path, config.options.players, function(play_err)
+  local err = player.play(track.path, config.options.players, function(play_err)
     util.report(play_err)
     util.fire("LofiError")
+  end, function(failure)
+    util.notify(string.format("%s playing %s with %s (%s)", config.options.icon, title(track),
+      player.current.argv[1], failure), vim.log.levels.WARN)
   end)
   if err then
     return util.report(err)
   end
-  util.notify(string.format("%s playing %s (%s)", config.options.icon, vim.fn.fnamemodify(path, ":t"),
-    player.current.argv[1]))
+  player.current.title = title(track)
+  util.notify(string.format("%s playing %s (%s)", config.options.icon, title(track), player.current.argv[1]))
   util.fire("LofiPlay")
+end
+
+--- The record this session knows for a WAV path (for its prompt), else {path}.
+local function track_of(path)
+  for _, record in pairs(M.state.tracks) do
+    if record.path == path then
+      return record
+    end
+  end
+  return { path = path }
 end
 
 --- Loop a track in the background. `track`: a record, a track id, a WAV path, or nil
 --- for the last finished track (else the newest in the cache).
 M.play = function(track)
   if type(track) == "table" then
-    return play_path(track.path)
+    return play_track(track)
   end
   if type(track) == "string" and track ~= "" then
     if track:match("^%x+$") and not uv.fs_stat(track) then
@@ -111,17 +132,17 @@ M.play = function(track)
           return util.report(errors.new(errors.CODE.TRACK_NOT_FOUND, string.format("track %s is %s, not finished yet",
             track, record.status or "unknown")))
         end
-        play_path(record.path)
+        play_track(record)
       end)
     end
     local path = vim.fn.expand(track)
     if not uv.fs_stat(path) then
       return util.report(errors.new(errors.CODE.TRACK_NOT_FOUND, "no track or file " .. track))
     end
-    return play_path(path)
+    return play_track(track_of(path))
   end
   if M.state.last_track then
-    return play_path(M.state.last_track.path)
+    return play_track(M.state.last_track)
   end
   M.tracks(function(err, records)
     if err then
@@ -130,7 +151,7 @@ M.play = function(track)
     if not records or #records == 0 then
       return util.report(errors.new(errors.CODE.TRACK_NOT_FOUND, "no tracks yet; make one with :LofiGenerate"))
     end
-    play_path(records[1].path)
+    play_track(records[1])
   end, 1)
 end
 

@@ -12,14 +12,27 @@ local util = require("lofi.util")
 
 local M = {}
 
---- The one-line progress message of a job.
+--- The one-line progress message of a job (the prompt last: it is what a narrow message
+--- area cuts).
 M.line = function(job)
   if job.status == "queued" then
     local pos = job.position or 0
-    return string.format("queued “%s” (%s)", util.short(job.prompt), pos == 0 and "next" or (pos .. " ahead"))
+    return string.format("queued (%s): “%s”", pos == 0 and "next" or (pos .. " ahead"), util.short(job.prompt))
   end
   local eta = job.eta_sec and (" ~" .. util.clock(job.eta_sec)) or ""
-  return string.format("generating “%s” %d%%%s", util.short(job.prompt), job.percent or 0, eta)
+  return string.format("generating %d%%%s: “%s”", job.percent or 0, eta, util.short(job.prompt))
+end
+
+-- A job lofid could not finish because it went away or shut down: sent again when it is
+-- back (resume), unless it was stopped with :LofiDaemon stop.
+local function resumable()
+  return config.options.resume and config.options.reconnect and daemon.intent ~= "stop"
+end
+
+local function interrupt(job)
+  state.jobs[job.track_id] = nil
+  state.lost = true
+  table.insert(state.interrupted, job)
 end
 
 local function finish(job, err, record)
@@ -93,6 +106,9 @@ handlers.generation_error = function(p)
     return keep_orphan("generation_error", p)
   end
   local err = errors.normalize(p)
+  if err.shutting_down and resumable() then
+    return interrupt(job) -- the disconnect that follows says so, and reconnecting resumes it
+  end
   job.notify_record = nil -- an error is a message of its own, kept in the history
   util.report(err, string.format("“%s” failed: ", util.short(job.prompt)))
   finish(job, err, nil)
@@ -155,6 +171,9 @@ M.submit = function(prompt, opts, callbacks)
         end
         M.submit(prompt, vim.tbl_extend("force", opts, { consent_asked = true, allow_download = true }), callbacks)
       end)
+    elseif err and err.shutting_down and resumable() then
+      return interrupt({ prompt = prompt, seed = arg.seed, duration_sec = arg.duration_sec, priority = arg.priority,
+        track_id = "", percent = 0, callbacks = callbacks })
     elseif err then
       return fail(err)
     end
@@ -164,38 +183,42 @@ end
 
 -- ------------------------------------------------------------------ lofid went away
 
-local function on_disconnect(err)
-  local lost = {}
-  for id, job in pairs(state.jobs) do
-    table.insert(lost, job)
-    state.jobs[id] = nil
+local function lost_names(lost)
+  local names = {}
+  for _, job in ipairs(lost) do
+    table.insert(names, string.format("“%s” (%d%%)", util.short(job.prompt), job.percent or 0))
   end
+  return table.concat(names, ", ")
+end
+
+local function on_disconnect(err)
+  for _, job in pairs(state.jobs) do
+    interrupt(job)
+  end
+  local lost = state.interrupted
   if #lost == 0 and not state.download then
     return -- nothing in flight: an idle lofid may exit; the next request connects again
   end
-  state.lost = true
   local cfg = config.options
-  local what = ""
-  if #lost > 0 then
-    local names = {}
-    for _, job in ipairs(lost) do
-      table.insert(names, string.format("“%s” (%d%%)", util.short(job.prompt), job.percent or 0))
-    end
-    what = " while generating " .. table.concat(names, ", ")
-  end
-  local resume = (#lost > 0 and cfg.resume and cfg.reconnect) and "; it will be sent again when lofid is back" or ""
-  util.report(errors.new(errors.CODE.DISCONNECTED, "lofid went away" .. what .. resume .. " (" .. err.message .. ")"))
-  if cfg.resume and cfg.reconnect then
-    vim.list_extend(state.interrupted, lost)
+  local what = #lost > 0 and (" during " .. lost_names(lost)) or ""
+  if #lost > 0 and resumable() then
+    local how = cfg.auto_start and "; starting it again to finish" or "; sent again when lofid is back"
+    util.report(errors.new(errors.CODE.DISCONNECTED, "lofid went away" .. what .. how .. " (" .. err.message .. ")",
+      { level = vim.log.levels.WARN }))
   else
+    state.interrupted, state.lost = {}, daemon.intent ~= "stop"
+    local why = daemon.intent == "stop" and "lofid was stopped" or "lofid went away"
+    util.report(errors.new(errors.CODE.DISCONNECTED, why .. what .. " (" .. err.message .. ")"))
     for _, job in ipairs(lost) do
-      finish(job, errors.new(errors.CODE.DISCONNECTED, "lofid went away before the track was finished"), nil)
+      finish(job, errors.new(errors.CODE.DISCONNECTED, why .. " before the track was finished"), nil)
     end
   end
   if state.download then
     download.finish(errors.new(errors.CODE.DISCONNECTED, "lofid went away during the model download"))
   end
-  daemon.reconnect()
+  if daemon.intent ~= "stop" then
+    daemon.reconnect()
+  end
   util.fire("LofiError")
 end
 

@@ -75,7 +75,8 @@ function Client:connect(cb)
     local failure
     if err then
       pipe:close()
-      failure = errors.new(errors.CODE.NOT_RUNNING, string.format("no lofid answers on %s (%s)", self.path, err))
+      failure = errors.new(errors.CODE.NOT_RUNNING,
+        string.format("lofid is not running (nothing answers on %s: %s)", self.path, err))
     else
       self.pipe = pipe
       self.unpacker = vim.mpack.Unpacker()
@@ -102,7 +103,8 @@ function Client:connect(cb)
   if not ok then
     self.connecting = nil
     pcall(pipe.close, pipe)
-    local failure = errors.new(errors.CODE.NOT_RUNNING, string.format("cannot connect to %s: %s", self.path, call_err))
+    local failure = errors.new(errors.CODE.NOT_RUNNING,
+      string.format("lofid is not running (cannot connect to %s: %s)", self.path, call_err))
     vim.schedule(function()
       cb(failure)
     end)

@@ -4,7 +4,8 @@ local state = require("lofi.state")
 local util = require("lofi.util")
 
 --- "♪ 45% ~0:12" while generating, "♪ queued", "♪ ↓ 30%" while downloading the model,
---- "♪ offline" after lofid went away mid-job, "♪" while playing, "" when idle.
+--- "♪ starting" while it starts lofid, "♪ offline" after lofid went away mid-job, "♪" while
+--- playing, "" when idle.
 return function()
   local icon = config.options.icon
   local running, queued = nil, 0
@@ -23,6 +24,8 @@ return function()
     return string.format("%s queued%s", icon, queued > 1 and (" " .. queued) or "")
   elseif state.download then
     return string.format("%s ↓ %d%%", icon, state.download.percent or 0)
+  elseif require("lofi.daemon").starting then
+    return icon .. " starting"
   elseif state.lost and #state.interrupted > 0 then
     return icon .. " offline"
   elseif require("lofi.player").is_playing() then

@@ -6,19 +6,71 @@ local errors = require("lofi.errors")
 
 local M = {}
 
---- vim.notify with the plugin's prefix and title; returns what vim.notify returns.
-M.notify = function(msg, level, opts)
-  return vim.notify("lofi: " .. msg, level or vim.log.levels.INFO, vim.tbl_extend("force", { title = "lofi" }, opts or {}))
+M.last_error = nil -- the last error in full: {text, at}, for :LofiStatus and :checkhealth
+
+--- Whether `fn` is Neovim's own (vim.notify, vim.ui.select, ...), not a plugin's.
+M.is_stock = function(fn)
+  local ok, info = pcall(debug.getinfo, fn, "S")
+  local source = ok and info and info.source or ""
+  return source:match("^@vim/") ~= nil or source:find("/runtime/lua/vim/", 1, true) ~= nil
 end
 
---- Show an error (code + sentence), at the level its code deserves, once.
+--- `text`'s first line, cut to `width` display cells with an ellipsis.
+M.fit = function(text, width)
+  text = text:match("^[^\n]*")
+  if vim.fn.strdisplaywidth(text) <= width then
+    return text
+  end
+  local n = math.min(vim.fn.strchars(text), width)
+  while n > 0 and vim.fn.strdisplaywidth(vim.fn.strcharpart(text, 0, n)) > width - 1 do
+    n = n - 1
+  end
+  return vim.fn.strcharpart(text, 0, n) .. "…"
+end
+
+local HIGHLIGHT = { [vim.log.levels.ERROR] = "ErrorMsg", [vim.log.levels.WARN] = "WarningMsg" }
+
+--- One line in the message area, never longer than it: a longer one (or vim.notify's
+--- error lines) would leave the editor in a "Press ENTER" prompt, where it answers no rpc
+--- and runs no timer until a key is pressed.
+M.echo = function(text, level, history)
+  local width = vim.v.echospace > 0 and vim.v.echospace or (vim.o.columns - 1)
+  vim.api.nvim_echo({ { M.fit(text, width), HIGHLIGHT[level] } }, history, {})
+end
+
+--- A message. With Neovim's own vim.notify: one line that fits the message area
+--- (progress kept out of :messages); with a notification plugin: vim.notify as it is.
+--- Returns what vim.notify returns.
+M.notify = function(msg, level, opts)
+  level, opts = level or vim.log.levels.INFO, opts or {}
+  local text = "lofi: " .. msg
+  if level >= vim.log.levels.WARN then
+    M.last_error = { text = text, at = os.time() }
+  end
+  if M.is_stock(vim.notify) then
+    return M.echo(text, level, not opts.hide_from_history)
+  end
+  return vim.notify(text, level, vim.tbl_extend("force", { title = "lofi" }, opts))
+end
+
+--- Output a command asked for (:LofiStatus): every line, in the history; like :ls it may
+--- wait for Enter when it is taller than the command line.
+M.show = function(lines)
+  if M.is_stock(vim.notify) then
+    return vim.api.nvim_echo({ { "lofi: " .. table.concat(lines, "\n") } }, true, {})
+  end
+  return vim.notify("lofi: " .. table.concat(lines, "\n"), vim.log.levels.INFO, { title = "lofi" })
+end
+
+--- Show an error once, at the level its code deserves: "CODE: <prefix>message; hint".
 M.report = function(err, prefix)
   if err.reported then
     return
   end
   err.reported = true
   local hint = err.hint and ("; " .. err.hint) or ""
-  return M.notify((prefix or "") .. errors.format(err) .. hint, err.level or errors.level_for_code(err.code))
+  local text = string.format("%s: %s%s%s", err.code or "INTERNAL", prefix or "", err.message or "(no message)", hint)
+  return M.notify(text, err.level or errors.level_for_code(err.code))
 end
 
 --- A message about work in progress (`holder`: a job or the download), replaced in place
