@@ -31,10 +31,14 @@ needs_nvim = pytest.mark.skipif(NVIM is None, reason="nvim is not installed")
 
 
 class Screen:
-    """The grid of an attached UI (ext_linegrid), kept up to date from redraw events."""
+    """The grid of an attached UI (ext_linegrid), kept up to date from redraw events, and
+    every screen the editor showed (at each flush), so that a message shown briefly is
+    seen too."""
 
     def __init__(self) -> None:
         self.rows: list[list[str]] = []
+        self.shown: list[list[str]] = []
+        self.read = 0  # screens in `shown` that a wait went past
 
     def apply(self, batches: list) -> None:
         for batch in batches:
@@ -64,6 +68,9 @@ class Screen:
             src = r + rows
             if top <= src < bot:
                 self.rows[r][left:right] = old[src][left:right]
+
+    def _flush(self) -> None:
+        self.shown.append(self.lines())
 
     def lines(self) -> list[str]:
         return ["".join(row).rstrip() for row in self.rows]
@@ -145,13 +152,19 @@ class Nvim(Client):
                 return
 
     def wait_screen(self, text: str, timeout: float = 20.0) -> list[str]:
-        """Read screen updates until ``text`` shows on the screen; return its lines."""
+        """Read screen updates until a screen shows ``text`` (one after those an earlier
+        wait returned); return that screen's lines."""
         deadline = time.monotonic() + timeout
-        while text not in self.screen.text():
+        screen = self.screen
+        while True:
+            for i in range(screen.read, len(screen.shown)):
+                if text in "\n".join(screen.shown[i]):
+                    screen.read = i + 1
+                    return screen.shown[i]
+            screen.read = len(screen.shown)
             if time.monotonic() > deadline:
-                raise AssertionError(f"{text!r} never showed; the screen:\n{self.screen.text()}")
+                raise AssertionError(f"{text!r} never showed; the screen:\n{screen.text()}")
             self.pump(0.05)
-        return self.screen.lines()
 
     def is_blocked(self) -> bool:
         """Whether the editor waits for a key (a "Press ENTER" prompt, a question), the

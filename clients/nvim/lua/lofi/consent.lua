@@ -35,15 +35,16 @@ M.when_idle = function(fn)
 end
 
 --- A yes/no question. Neovim's own vim.ui.select would print a numbered list over several
---- lines; then the question is one line and one key instead (y: yes, anything else: no).
-local function yes_or_no(question, yes, on_answer)
+--- lines; then the question is one line (`short`, cut to the message area) and one key
+--- instead (y: yes, anything else: no).
+local function yes_or_no(question, short, yes, on_answer)
   if not util.is_stock(vim.ui.select) then
     return vim.ui.select({ yes, "Not now" }, { prompt = "lofi: " .. question }, function(choice)
       on_answer(choice == yes)
     end)
   end
-  local width = math.max(10, vim.o.columns - 1)
-  vim.api.nvim_echo({ { util.fit("lofi: " .. question .. " [y/N] ", width), "Question" } }, false, {})
+  local width = vim.v.echospace > 0 and vim.v.echospace or (vim.o.columns - 1)
+  vim.api.nvim_echo({ { util.fit("lofi: " .. short .. " [y/N]", width), "Question" } }, false, {})
   local ok, key = pcall(vim.fn.getcharstr)
   vim.cmd("redraw") -- the question goes; the answer's message takes its line
   on_answer(ok and (key == "y" or key == "Y"))
@@ -60,10 +61,11 @@ M.ask = function(err, cb)
   end
   asking = { cb }
   local size = err.download_bytes and string.format("%.1f GB", err.download_bytes / 1e9) or "a large download"
-  local question = string.format("download the %s model (%s from %s)?", err.variant or "MusicGen", size,
-    err.repo or "Hugging Face")
+  local model = string.format("the %s model", err.variant or "MusicGen")
+  local question = string.format("download %s (%s from %s)?", model, size, err.repo or "Hugging Face")
+  local short = string.format("download %s (%s)?", model, size)
   M.when_idle(function()
-    yes_or_no(question, "Download " .. size, function(yes)
+    yes_or_no(question, short, "Download " .. size, function(yes)
       local waiters = asking
       asking = nil
       if yes then

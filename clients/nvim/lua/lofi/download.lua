@@ -44,7 +44,7 @@ M.start = function(opts, cb)
     return
   end
   state.download = { percent = 0, waiters = { cb } }
-  util.progress(state.download, "downloading the model...", vim.log.levels.INFO, true)
+  util.progress(state.download, "downloading the model...")
   daemon.request("download_model", opts and opts.variant and { variant = opts.variant } or nil, function(req_err)
     if req_err then
       M.finish(req_err)

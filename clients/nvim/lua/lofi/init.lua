@@ -96,13 +96,13 @@ local function play_track(track)
     util.fire("LofiError")
   end, function(failure)
     util.notify(string.format("%s playing %s with %s (%s)", config.options.icon, title(track),
-      player.current.argv[1], failure), vim.log.levels.WARN)
+      player.name(player.current.argv), failure), vim.log.levels.WARN)
   end)
   if err then
     return util.report(err)
   end
   player.current.title = title(track)
-  util.notify(string.format("%s playing %s (%s)", config.options.icon, title(track), player.current.argv[1]))
+  util.notify(string.format("%s playing %s (%s)", config.options.icon, title(track), player.name(player.current.argv)))
   util.fire("LofiPlay")
 end
 

@@ -143,7 +143,7 @@ local function accepted(prompt, arg, res, callbacks)
   job = { track_id = res.track_id, prompt = prompt, seed = res.seed, duration_sec = arg.duration_sec,
     priority = arg.priority, status = res.status, position = res.position, percent = 0, callbacks = callbacks }
   state.jobs[res.track_id] = job
-  util.progress(job, M.line(job), vim.log.levels.INFO, true)
+  util.progress(job, M.line(job)) -- the first one shows at once
   util.fire("LofiProgress")
   replay_orphan(res.track_id)
 end

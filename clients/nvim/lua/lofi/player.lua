@@ -56,6 +56,11 @@ M.names = function(players)
   return table.concat(names, ", ")
 end
 
+--- A player's name (its command without the directory).
+M.name = function(argv)
+  return vim.fn.fnamemodify(argv[1], ":t")
+end
+
 M.is_playing = function()
   return M.current ~= nil
 end
@@ -69,6 +74,12 @@ local function why(stderr, how)
     end
   end
   return last or ("exited with " .. how)
+end
+
+--- "name: why" for a player that failed (its stderr often names it already).
+local function failure(argv, stderr, how)
+  local name, reason = M.name(argv), why(stderr, how)
+  return reason:sub(1, #name + 1) == name .. ":" and reason or (name .. ": " .. reason)
 end
 
 --- Spawn argv + {path} with stderr kept (the last STDERR_MAX bytes);
@@ -115,7 +126,7 @@ local function run(cur, on_error, on_switch)
     local how = signal ~= 0 and ("signal " .. signal) or ("code " .. code)
     local quick = uv.now() - cur.started < M.QUICK_MS
     if (code ~= 0 or signal ~= 0) and quick and cur.spawns == 1 and cur.index < #cur.candidates then
-      table.insert(cur.failures, argv[1] .. ": " .. why(stderr, how))
+      table.insert(cur.failures, failure(argv, stderr, how))
       cur.index, cur.spawns = cur.index + 1, 0
       run(cur, on_error, on_switch) -- it cannot play here: the next player
       if M.current == cur then
@@ -126,8 +137,8 @@ local function run(cur, on_error, on_switch)
     cur.quick_exits = quick and cur.quick_exits + 1 or 0
     if (code ~= 0 and quick) or signal ~= 0 or cur.quick_exits >= 3 then
       M.current = nil
-      table.insert(cur.failures, argv[1] .. ": " .. why(stderr, how))
-      return on_error(errors.new(errors.CODE.PLAYER_FAILED, "no player could play it: "
+      table.insert(cur.failures, failure(argv, stderr, how))
+      return on_error(errors.new(errors.CODE.PLAYER_FAILED, "cannot play it: "
         .. table.concat(cur.failures, "; ")))
     end
     run(cur, on_error, on_switch) -- the track ended: play it again
