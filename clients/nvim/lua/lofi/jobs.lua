@@ -108,6 +108,11 @@ handlers.generation_error = function(p)
   local err = errors.normalize(p)
   if err.shutting_down and resumable() then
     return interrupt(job) -- the disconnect that follows says so, and reconnecting resumes it
+  elseif err.shutting_down and daemon.intent == "stop" then
+    err = errors.new(errors.CODE.CANCELLED, string.format("“%s” (%d%%) was not finished: lofid was stopped",
+      util.short(job.prompt), job.percent or 0))
+    util.report(err)
+    return finish(job, err, nil)
   end
   job.notify_record = nil -- an error is a message of its own, kept in the history
   util.report(err, string.format("“%s” failed: ", util.short(job.prompt)))
