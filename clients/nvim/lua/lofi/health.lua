@@ -48,11 +48,11 @@ local function check_players(h, players)
     if ok then
       os.remove(sample)
       for _, failure in ipairs(failed) do
-        h.warn(failure)
+        h.warn("cannot play here: " .. failure)
       end
       return h.ok("player: " .. vim.fn.exepath(argv[1]) .. how .. ", played a silent sample")
     end
-    table.insert(failed, string.format("%s cannot play here: %s", argv[1], why))
+    table.insert(failed, why)
   end
   os.remove(sample)
   h.error("no player could play a silent sample: " .. table.concat(failed, "; "),

@@ -198,16 +198,17 @@ M.write_silence = function(path, sec)
 end
 
 --- Play `path` once with argv and wait (the editor keeps processing events) at most
---- `wait_ms`: true when it played (exited 0, or still plays then), else false and why.
+--- `wait_ms`: true when it played (exited 0, or still plays then), else false and
+--- "name: why".
 M.probe = function(argv, path, wait_ms)
   local done, result = false, nil
   local handle = M.spawn(argv, path, function(code, signal, stderr)
     done = true
-    result = { ok = code == 0 and signal == 0, why = why(stderr, signal ~= 0 and ("signal " .. signal)
+    result = { ok = code == 0 and signal == 0, why = failure(argv, stderr, signal ~= 0 and ("signal " .. signal)
       or ("code " .. code)) }
   end)
   if not handle then
-    return false, "cannot start " .. argv[1]
+    return false, M.name(argv) .. ": cannot start it"
   end
   vim.wait(wait_ms, function()
     return done
