@@ -7,7 +7,6 @@ The editor is tests/nvim/editor.py's; the daemon runs the scripted engine
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import threading
@@ -19,8 +18,6 @@ from conftest import ROOT, Daemon, make_fake_model, shutdown_daemon_at
 from lofictl.client import Client
 from nvim.editor import (
     LAST_TRACK,
-    NVIM,
-    PLUGIN,
     Nvim,
     editors,
     failing_player,
@@ -375,17 +372,6 @@ def test_default_socket_matches_the_daemons(start_nvim, short_tmp):
         assert got == expected, env
     sock = str(short_tmp / "x.sock")
     assert nvim.lua("vim.env.LOFID_SOCKET = ...; return require('lofi.daemon').default_socket()", sock) == sock
-
-
-def test_help_tags(short_tmp):
-    doc = short_tmp / "doc"
-    shutil.copytree(PLUGIN / "doc", doc)
-    out = subprocess.run([NVIM, "--headless", "--clean", "-c", f"helptags {doc}", "-c", "qa!"],
-                         capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0 and "E" not in out.stderr, out.stderr
-    tags = (doc / "tags").read_text()
-    for tag in ("lofi-setup", ":LofiGenerate", "lofi.statusline()", "lofi-errors"):
-        assert tag in tags
 
 
 def test_rpc_layer_framing_timeouts_disconnect(start_nvim, short_tmp):
