@@ -19,10 +19,14 @@ M.defaults = {
   -- generate defaults
   duration_sec = 30,
   priority = "normal",
-  -- play each finished track (from :LofiGenerate) right away
+  -- play each track :LofiGenerate makes (as play=true does)
   play_on_complete = false,
-  -- audio players, the first one found is used: names or argv tables ({cmd, args..., loop = true})
+  -- play a track asked to play as lofid makes it (from its stream), not once it is finished
+  stream = true,
+  -- audio players for files, tried in order: names or argv tables ({cmd, args..., loop = true})
   players = { "pw-play", "paplay", "aplay", "afplay", "ffplay", "mpv" },
+  -- players that read raw PCM on stdin, for the stream: names or argv tables ("{rate}": the sample rate)
+  stream_players = { "pw-play", "paplay", "aplay", "ffplay", "mpv", "play" },
   -- at most one progress message per this many ms (the statusline shows every step)
   progress_interval_ms = 2000,
   -- the statusline icon

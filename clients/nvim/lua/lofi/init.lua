@@ -26,6 +26,7 @@ local function create_autocmds()
     desc = "lofi: stop the player",
     group = aug,
     callback = function()
+      require("lofi.stream").stop()
       require("lofi.player").stop()
     end,
   })
@@ -42,6 +43,8 @@ M.setup = function(opts)
   create_autocmds()
 end
 
+local play_stream -- below
+
 --- Download the model (giving consent). cb(err) when it is complete or failed.
 M.download_model = download.start
 
@@ -55,15 +58,31 @@ M.generate = function(prompt, opts, cb)
   if cb then
     table.insert(callbacks, cb)
   end
-  if opts.play then
+  local submit = { duration_sec = opts.duration_sec or opts.duration, seed = opts.seed, priority = opts.priority,
+    allow_download = opts.allow_download }
+  if opts.play and config.options.stream then
+    submit.stream = true
+    submit.on_accepted = function(res)
+      if res.status ~= "complete" then
+        play_stream(res.track_id, prompt)
+      end
+    end
+    table.insert(callbacks, function(err, record)
+      if err then
+        return require("lofi.stream").stop()
+      end
+      if record.cached or not require("lofi.stream").complete(record.track_id, record) then
+        M.play(record) -- a cache hit, or nothing came from the stream: the file
+      end
+    end)
+  elseif opts.play then
     table.insert(callbacks, function(err, record)
       if not err then
         M.play(record)
       end
     end)
   end
-  jobs.submit(prompt, { duration_sec = opts.duration_sec or opts.duration, seed = opts.seed,
-    priority = opts.priority, allow_download = opts.allow_download }, callbacks)
+  jobs.submit(prompt, submit, callbacks)
 end
 
 --- The daemon's status map; cb(err, status).
@@ -89,8 +108,9 @@ local function title(track)
   return vim.fn.fnamemodify(track.path, ":t")
 end
 
-local function play_track(track)
+local function play_track(track, quiet)
   local player = require("lofi.player")
+  require("lofi.stream").stop()
   local err = player.play(track.path, config.options.players, function(play_err)
     util.report(play_err)
     util.fire("LofiError")
@@ -102,8 +122,32 @@ local function play_track(track)
     return util.report(err)
   end
   player.current.title = title(track)
-  util.notify(string.format("%s playing %s (%s)", config.options.icon, title(track), player.name(player.current.argv)))
+  if not quiet then
+    util.notify(string.format("%s playing %s (%s)", config.options.icon, title(track),
+      player.name(player.current.argv)))
+  end
   util.fire("LofiPlay")
+end
+
+--- Play a track from lofid's stream as it is made; once it has played, its file loops.
+play_stream = function(track_id, prompt)
+  local stream = require("lofi.stream")
+  require("lofi.player").stop()
+  local track = { track_id = track_id, prompt = prompt }
+  stream.follow(track_id, config.options.stream_players, {
+    on_start = function(argv)
+      util.notify(string.format("%s playing %s as it is made (%s)", config.options.icon, title(track),
+        require("lofi.player").name(argv)))
+      util.fire("LofiPlay")
+    end,
+    on_end = function(record)
+      play_track(vim.tbl_extend("keep", record, track), true)
+    end,
+    on_error = function(err)
+      util.report(err)
+      util.fire("LofiError")
+    end,
+  })
 end
 
 --- The record this session knows for a WAV path (for its prompt), else {path}.
@@ -157,7 +201,8 @@ end
 
 --- Stop the music.
 M.stop = function()
-  if require("lofi.player").stop() then
+  local streamed = require("lofi.stream").stop()
+  if require("lofi.player").stop() or streamed then
     util.notify("stopped")
   else
     util.notify("nothing is playing")

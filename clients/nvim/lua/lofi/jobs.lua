@@ -146,7 +146,8 @@ local function accepted(prompt, arg, res, callbacks)
     return
   end
   job = { track_id = res.track_id, prompt = prompt, seed = res.seed, duration_sec = arg.duration_sec,
-    priority = arg.priority, status = res.status, position = res.position, percent = 0, callbacks = callbacks }
+    priority = arg.priority, stream = arg.stream, status = res.status, position = res.position, percent = 0,
+    callbacks = callbacks }
   state.jobs[res.track_id] = job
   util.progress(job, M.line(job)) -- the first one shows at once
   util.fire("LofiProgress")
@@ -154,7 +155,8 @@ local function accepted(prompt, arg, res, callbacks)
 end
 
 --- Ask lofid for a track; every callback(err, record) runs once, when it is finished or
---- failed. opts: duration_sec, seed, priority, allow_download.
+--- failed. opts: duration_sec, seed, priority, allow_download, stream (send its audio as
+--- it is made: a lofid that cannot is asked again without), on_accepted(result).
 M.submit = function(prompt, opts, callbacks)
   local arg = {
     prompt = prompt,
@@ -162,6 +164,7 @@ M.submit = function(prompt, opts, callbacks)
     priority = opts.priority or config.options.priority,
     seed = opts.seed,
     allow_download = opts.allow_download,
+    stream = opts.stream or nil,
   }
   local function fail(err)
     util.report(err)
@@ -176,11 +179,16 @@ M.submit = function(prompt, opts, callbacks)
         end
         M.submit(prompt, vim.tbl_extend("force", opts, { consent_asked = true, allow_download = true }), callbacks)
       end)
+    elseif err and err.code == errors.CODE.INVALID_PARAMS and arg.stream and err.message:find("stream") then
+      return M.submit(prompt, vim.tbl_extend("force", opts, { stream = false }), callbacks) -- an older lofid
     elseif err and err.shutting_down and resumable() then
       return interrupt({ prompt = prompt, seed = arg.seed, duration_sec = arg.duration_sec, priority = arg.priority,
-        track_id = "", percent = 0, callbacks = callbacks })
+        stream = arg.stream, track_id = "", percent = 0, callbacks = callbacks })
     elseif err then
       return fail(err)
+    end
+    if opts.on_accepted then
+      rpc.safe_call(opts.on_accepted, res)
     end
     accepted(prompt, arg, res, callbacks)
   end, { timeout_ms = math.max(config.options.request_timeout_ms, download.SLOW_REQUEST_MS) })
@@ -240,7 +248,8 @@ local function on_connect()
     util.notify(string.format("reconnected to lofid; sending %d interrupted generation(s) again", #again))
   end
   for _, job in ipairs(again) do
-    M.submit(job.prompt, { duration_sec = job.duration_sec, seed = job.seed, priority = job.priority }, job.callbacks)
+    M.submit(job.prompt, { duration_sec = job.duration_sec, seed = job.seed, priority = job.priority,
+      stream = job.stream }, job.callbacks)
   end
   util.fire("LofiProgress")
 end

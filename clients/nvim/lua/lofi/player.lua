@@ -77,20 +77,23 @@ local function why(stderr, how)
 end
 
 --- "name: why" for a player that failed (its stderr often names it already).
-local function failure(argv, stderr, how)
+M.failure = function(argv, stderr, how)
   local name, reason = M.name(argv), why(stderr, how)
   return reason:sub(1, #name + 1) == name .. ":" and reason or (name .. ": " .. reason)
 end
 
---- Spawn argv + {path} with stderr kept (the last STDERR_MAX bytes);
---- on_exit(code, signal, stderr). Returns the handle and pid, or nil and an error.
-M.spawn = function(argv, path, on_exit)
+--- Spawn argv (+ {path} when given) with stderr kept (the last STDERR_MAX bytes) and
+--- `stdin` (a uv pipe) as its standard input when given; on_exit(code, signal, stderr).
+--- Returns the handle and pid, or nil and an error.
+M.spawn = function(argv, path, on_exit, stdin)
   local args = vim.list_slice(argv, 2)
-  table.insert(args, path)
+  if path then
+    table.insert(args, path)
+  end
   local stderr_pipe = uv.new_pipe(false)
   local stderr = ""
   local handle, pid
-  handle, pid = uv.spawn(argv[1], { args = args, stdio = { nil, nil, stderr_pipe } },
+  handle, pid = uv.spawn(argv[1], { args = args, stdio = { stdin, nil, stderr_pipe } },
     vim.schedule_wrap(function(code, signal)
       if handle and not handle:is_closing() then
         handle:close()
@@ -126,7 +129,7 @@ local function run(cur, on_error, on_switch)
     local how = signal ~= 0 and ("signal " .. signal) or ("code " .. code)
     local quick = uv.now() - cur.started < M.QUICK_MS
     if (code ~= 0 or signal ~= 0) and quick and cur.spawns == 1 and cur.index < #cur.candidates then
-      table.insert(cur.failures, failure(argv, stderr, how))
+      table.insert(cur.failures, M.failure(argv, stderr, how))
       cur.index, cur.spawns = cur.index + 1, 0
       run(cur, on_error, on_switch) -- it cannot play here: the next player
       if M.current == cur then
@@ -137,7 +140,7 @@ local function run(cur, on_error, on_switch)
     cur.quick_exits = quick and cur.quick_exits + 1 or 0
     if (code ~= 0 and quick) or signal ~= 0 or cur.quick_exits >= 3 then
       M.current = nil
-      table.insert(cur.failures, failure(argv, stderr, how))
+      table.insert(cur.failures, M.failure(argv, stderr, how))
       return on_error(errors.new(errors.CODE.PLAYER_FAILED, "cannot play it: "
         .. table.concat(cur.failures, "; ")))
     end
@@ -204,7 +207,7 @@ M.probe = function(argv, path, wait_ms)
   local done, result = false, nil
   local handle = M.spawn(argv, path, function(code, signal, stderr)
     done = true
-    result = { ok = code == 0 and signal == 0, why = failure(argv, stderr, signal ~= 0 and ("signal " .. signal)
+    result = { ok = code == 0 and signal == 0, why = M.failure(argv, stderr, signal ~= 0 and ("signal " .. signal)
       or ("code " .. code)) }
   end)
   if not handle then

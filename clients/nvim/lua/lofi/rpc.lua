@@ -36,7 +36,8 @@ M.strip_nil = strip_nil
 local Client = {}
 Client.__index = Client
 
----@param opts {path: string, on_notification?: fun(method: string, payload: table), on_close?: fun(err: table), on_connect?: fun()}
+---@param opts {path: string, on_notification?: fun(method: string, payload: table),
+---  on_close?: fun(err: table), on_connect?: fun()}
 ---@return lofi.rpc.Client
 M.new = function(opts)
   return setmetatable({
