@@ -159,9 +159,11 @@ def _health_lines(nvim: Nvim) -> str:
 
 def test_checkhealth(daemon, start_nvim, short_tmp):
     player, _ = fake_player(short_tmp)
-    nvim = start_nvim(env={"LOFID_SOCKET": str(daemon.socket)}, setup={"players": [[str(player)]]})
+    nvim = start_nvim(env={"LOFID_SOCKET": str(daemon.socket)},
+                      setup={"players": [[str(player)]], "stream_players": [[str(player)]]})
     report = _health_lines(nvim)
     assert "ERROR" not in report and "WARNING" not in report, report
+    assert "stream player (tracks play as they are made): " + str(player) in report, report
     assert "OK: lofid 0" in report or "OK lofid 0" in report, report
     assert "model int8: present" in report and "fakeplay" in report, report
 

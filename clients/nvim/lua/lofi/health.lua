@@ -135,6 +135,16 @@ M.check = function()
 
   h.start("lofi: playback")
   check_players(h, cfg.players)
+  local stream_player = require("lofi.stream").find_all(cfg.stream_players, 32000)[1]
+  if not cfg.stream then
+    h.info("stream = false: tracks play once they are finished")
+  elseif stream_player then
+    h.ok("stream player (tracks play as they are made): " .. vim.fn.exepath(stream_player[1]))
+  else
+    h.warn("no player that reads raw audio found (tried " .. require("lofi.stream").names(cfg.stream_players)
+      .. "): tracks play once they are finished",
+      { "install pipewire (pw-play), pulseaudio-utils (paplay), alsa-utils (aplay), ffmpeg, mpv or sox" })
+  end
 end
 
 return M

@@ -48,6 +48,13 @@ M.find_all = function(players, rate)
   return found
 end
 
+--- The players' names, for messages.
+M.names = function(players)
+  return table.concat(vim.tbl_map(function(e)
+    return type(e) == "string" and e or tostring(e[1])
+  end, players), ", ")
+end
+
 M.is_playing = function()
   return M.current ~= nil and M.current.handle ~= nil
 end
@@ -139,10 +146,7 @@ local function start_now(cur)
   if #cur.candidates == 0 then
     M.current = nil
     return cur.on_error(errors.new(errors.CODE.NO_PLAYER, string.format(
-      "no player that reads raw audio found (tried %s); set stream_players in setup()",
-      table.concat(vim.tbl_map(function(e)
-        return type(e) == "string" and e or tostring(e[1])
-      end, cur.players), ", "))))
+      "no player that reads raw audio found (tried %s); set stream_players in setup()", M.names(cur.players))))
   end
   cur.index, cur.failures = 1, {}
   start_player(cur)
