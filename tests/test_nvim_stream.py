@@ -118,3 +118,35 @@ def test_stream_refused_plays_the_file(daemon, start_nvim, short_tmp):
     assert runs[0].split()[1] == track["path"]
     assert not list(out.glob("*.pcm"))
     assert not nvim.texts("INVALID_PARAMS"), nvim.texts()
+
+
+def test_stream_goes_on_after_lofid_is_killed(short_tmp, start_nvim):
+    """With auto_start, lofid SIGKILLed mid-stream: started again, the generation sent
+    again, and the player's input is still exactly the track's samples (the chunks that
+    come again are not played twice)."""
+    import os
+    import signal
+
+    from conftest import Daemon, make_fake_model, shutdown_daemon_at
+    from nvim.editor import lofid_wrapper
+
+    d = Daemon(short_tmp, model_dir=make_fake_model(short_tmp / "model"))
+    bindir = lofid_wrapper(d, short_tmp / "bin")
+    raw, out = raw_player(short_tmp)
+    fileplay, log = fake_player(short_tmp)
+    nvim = start_nvim(env={"LOFID_SOCKET": str(d.socket)}, path_prepend=bindir,
+                      setup={"auto_start": True, "stream_players": [[str(raw)]], "players": [[str(fileplay)]]})
+    try:
+        nvim.cmd("LofiDaemon start")
+        nvim.wait("return _G.lofi_test.texts('lofid started')[1]", timeout=30)
+        if not streams(d):
+            pytest.skip("this lofid does not take generate's `stream` yet (INVALID_PARAMS)")
+        nvim.cmd("LofiGenerate phoenix step=0.02 duration=8 seed=2 play=true")
+        wait_for(lambda: nvim.statusline().startswith("♪ ▶ "))
+        os.kill(nvim.lua("return require('lofi.daemon').last_start.pid"), signal.SIGKILL)
+        track = nvim.wait(LAST_TRACK, timeout=60)
+        wait_for(lambda: log.exists() and log.read_text().splitlines())  # the stream ended, the file loops
+        streamed = list(out.glob("*.pcm"))
+        assert len(streamed) == 1 and streamed[0].read_bytes() == samples(track["path"])
+    finally:
+        shutdown_daemon_at(d.socket)
