@@ -101,9 +101,10 @@ class Broker:
             self._idle_watch.cancel()
         if running is not None:
             self.fail(running, LofiError(errors.INTERNAL, "the daemon shut down during this generation; "
-                                         "it is not resumed: ask again"))
+                                         "it is not resumed: ask again", shutting_down=True))
         for job in self.queue.drain():
-            self.fail(job, LofiError(errors.INTERNAL, "the daemon shut down before this track was generated"))
+            self.fail(job, LofiError(errors.INTERNAL, "the daemon shut down before this track was generated",
+                                     shutting_down=True))
         await self.supervisor.stop()
 
     # -- the runner ---------------------------------------------------------------
@@ -245,7 +246,8 @@ class Broker:
     async def rpc_generate(self, conn: Connection, params: list) -> dict:
         req = parse_generate(params)
         if self.closing or self.stopping.is_set():
-            raise LofiError(errors.INTERNAL, "the daemon is shutting down; ask again when it is back")
+            raise LofiError(errors.INTERNAL, "the daemon is shutting down; ask again when it is back",
+                            shutting_down=True)
         loc = await self.model_location()
         tid = track_id(req["prompt"], req["seed"], req["duration_sec"], loc.model_version)
         record = await asyncio.to_thread(self.cache.get, tid)

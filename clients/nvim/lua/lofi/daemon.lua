@@ -1,8 +1,10 @@
 -- The connection to lofid: where its socket is, connecting on demand, starting it
--- detached when asked (auto_start), and reconnecting after it went away.
+-- detached when asked (auto_start), reconnecting (and starting it again) after it went
+-- away, and stopping or restarting it on request.
 local uv = vim.uv or vim.loop
 local errors = require("lofi.errors")
 local rpc = require("lofi.rpc")
+local util = require("lofi.util")
 
 local M = {}
 
@@ -11,9 +13,11 @@ M.client = nil ---@type lofi.rpc.Client|nil
 M.starting = nil -- callbacks waiting for an auto-start in progress
 M.reconnect_timer = nil
 M.last_start = nil -- {pid, cmd, log, exit_code} of the last auto-start, for :checkhealth
+M.intent = nil -- "stop" or "restart" while :LofiDaemon stops lofid on purpose
+M.START_ATTEMPTS = 5 -- starts in a row that may fail while reconnecting before it gives up
 
 local function config()
-  return require("lofi").config
+  return require("lofi.config").options
 end
 
 local function is_private_dir(path, uid)
@@ -85,6 +89,7 @@ local function get_client()
         emit("notification", method, payload)
       end,
       on_connect = function()
+        M.intent = nil
         M.stop_reconnect()
         emit("connect")
       end,
@@ -100,8 +105,9 @@ M.is_connected = function()
   return M.client ~= nil and M.client:is_connected()
 end
 
---- Connect (starting lofid first when auto_start is on); cb(err, client).
-M.ensure = function(cb)
+--- Connect (starting lofid first when auto_start is on, unless opts.start is false);
+--- cb(err, client).
+M.ensure = function(cb, opts)
   local client = get_client()
   if client:is_connected() then
     return cb(nil, client)
@@ -110,8 +116,8 @@ M.ensure = function(cb)
     if not err then
       return cb(nil, client)
     end
-    if not config().auto_start then
-      err.hint = "start it with `lofid` (or setup({ auto_start = true }))"
+    if not config().auto_start or (opts and opts.start == false) then
+      err.hint = "start it with :LofiDaemon start, or setup({ auto_start = true })"
       return cb(err)
     end
     M.start(function(start_err)
@@ -120,7 +126,8 @@ M.ensure = function(cb)
   end)
 end
 
---- A request that connects first; cb(err, result) on the main loop.
+--- A request that connects first (opts.start = false: never starts lofid); cb(err, result)
+--- on the main loop.
 M.request = function(method, arg, cb, opts)
   opts = opts or {}
   M.ensure(function(err, client)
@@ -128,7 +135,7 @@ M.request = function(method, arg, cb, opts)
       return cb(err)
     end
     client:request(method, arg, cb, { timeout_ms = opts.timeout_ms or config().request_timeout_ms })
-  end)
+  end, opts)
 end
 
 local function lofid_argv()
@@ -181,6 +188,7 @@ M.start = function(cb)
   end
   handle:unref()
   M.last_start = { pid = pid_or_err, cmd = argv, log = log }
+  util.notify("starting lofid...", vim.log.levels.INFO, { hide_from_history = true })
   local client = get_client()
   local deadline = uv.now() + config().start_timeout_ms
   local timer = uv.new_timer()
@@ -192,9 +200,9 @@ M.start = function(cb)
       end
       if exited or uv.now() > deadline then
         timer:close()
-        local why = exited and ("it exited with " .. exited) or "it did not answer in time"
+        local why = exited and ("exited with " .. exited) or "did not answer in time"
         return finish(errors.new(errors.CODE.START_FAILED, string.format(
-          "started `%s` but %s; see %s", table.concat(argv, " "), why, log)))
+          "lofid %s after it was started; see :LofiDaemon log (%s, `%s`)", why, log, table.concat(argv, " "))))
       end
       timer:start(100, 0, vim.schedule_wrap(poll))
     end)
@@ -202,7 +210,8 @@ M.start = function(cb)
   timer:start(50, 0, vim.schedule_wrap(poll))
 end
 
---- Try to connect again with backoff after lofid went away, until reconnect_timeout_ms.
+--- Try to connect again with backoff after lofid went away, until reconnect_timeout_ms;
+--- with auto_start, start it again (at most START_ATTEMPTS failed starts in a row).
 --- Only while work is in flight: an idle lofid may exit on purpose (idle_exit_sec), and a
 --- connect would start a socket-activated one again; the next request connects anyway.
 M.reconnect = function()
@@ -212,8 +221,13 @@ M.reconnect = function()
   end
   local timer = uv.new_timer()
   M.reconnect_timer = timer
-  local delay, deadline = 250, uv.now() + cfg.reconnect_timeout_ms
-  local function try()
+  local delay, deadline, failed_starts = 250, uv.now() + cfg.reconnect_timeout_ms, 0
+  local try
+  local function again()
+    delay = math.min(delay * 2, 5000)
+    timer:start(delay, 0, vim.schedule_wrap(try))
+  end
+  try = function()
     if M.reconnect_timer ~= timer then
       return
     end
@@ -224,8 +238,20 @@ M.reconnect = function()
       if uv.now() > deadline then
         return M.stop_reconnect()
       end
-      delay = math.min(delay * 2, 5000)
-      timer:start(delay, 0, vim.schedule_wrap(try))
+      if not (config().auto_start and M.intent == nil) then
+        return again()
+      end
+      M.start(function(start_err)
+        if not start_err or M.reconnect_timer ~= timer then
+          return
+        end
+        failed_starts = failed_starts + 1
+        if failed_starts >= M.START_ATTEMPTS then
+          M.stop_reconnect()
+          return util.report(start_err)
+        end
+        again()
+      end)
     end)
   end
   timer:start(delay, 0, vim.schedule_wrap(try))
@@ -242,6 +268,43 @@ end
 
 M.reconnecting = function()
   return M.reconnect_timer ~= nil
+end
+
+--- Wait (without blocking the editor) until process `pid` is gone; cb(gone).
+local function wait_exit(pid, timeout_ms, cb)
+  local timer, deadline = uv.new_timer(), uv.now() + timeout_ms
+  timer:start(0, 100, vim.schedule_wrap(function()
+    local alive = pid and uv.kill(pid, 0) == 0
+    if not alive or uv.now() > deadline then
+      timer:stop()
+      timer:close()
+      cb(not alive)
+    end
+  end))
+end
+
+--- Ask lofid to shut down (it finishes writing first) and wait until it has exited;
+--- cb(err). `intent`: "stop" (the jobs in flight fail) or "restart" (they are sent again).
+M.shutdown = function(intent, cb)
+  M.request("status", nil, function(err, status)
+    if err then
+      return cb(err)
+    end
+    M.intent = intent
+    M.request("shutdown", nil, function(shutdown_err)
+      if shutdown_err and shutdown_err.code ~= errors.CODE.DISCONNECTED then
+        M.intent = nil
+        return cb(shutdown_err)
+      end
+      wait_exit(status.pid, config().start_timeout_ms, function(gone)
+        if not gone then
+          M.intent = nil
+          return cb(errors.new(errors.CODE.TIMEOUT, string.format("lofid (pid %s) is still running", status.pid)))
+        end
+        cb(nil)
+      end)
+    end, { start = false })
+  end, { start = false })
 end
 
 return M

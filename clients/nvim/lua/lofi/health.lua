@@ -19,7 +19,7 @@ local function request_sync(method, arg)
   local done, err, result = false, nil, nil
   require("lofi.daemon").request(method, arg, function(e, r)
     done, err, result = true, e, r
-  end, { timeout_ms = WAIT_MS })
+  end, { timeout_ms = WAIT_MS, start = false })
   vim.wait(WAIT_MS + 500, function()
     return done
   end, 20)
@@ -29,12 +29,41 @@ local function request_sync(method, arg)
   return err, result
 end
 
+local PROBE_SEC, PROBE_WAIT_MS = 0.2, 3000
+
+--- Open the players with a short silent sample, in order, until one plays.
+local function check_players(h, players)
+  local player = require("lofi.player")
+  local candidates = player.find_all(players)
+  if #candidates == 0 then
+    return h.warn("no audio player found (tried " .. player.names(players) .. ")",
+      { "install pipewire (pw-play), pulseaudio-utils (paplay), alsa-utils (aplay), ffmpeg (ffplay) or mpv" })
+  end
+  local sample = vim.fn.tempname() .. ".wav"
+  player.write_silence(sample, PROBE_SEC)
+  local failed = {}
+  for _, argv in ipairs(candidates) do
+    local ok, why = player.probe(argv, sample, PROBE_WAIT_MS)
+    local how = argv.loop and " (loops by itself)" or " (restarted at each end)"
+    if ok then
+      os.remove(sample)
+      for _, failure in ipairs(failed) do
+        h.warn("cannot play here: " .. failure)
+      end
+      return h.ok("player: " .. vim.fn.exepath(argv[1]) .. how .. ", played a silent sample")
+    end
+    table.insert(failed, why)
+  end
+  os.remove(sample)
+  h.error("no player could play a silent sample: " .. table.concat(failed, "; "),
+    { "check the sound setup (is a sound server running?), or set players in setup()" })
+end
+
 M.check = function()
   local h = reporter()
-  local lofi = require("lofi")
   local daemon = require("lofi.daemon")
   local errors = require("lofi.errors")
-  local cfg = lofi.config
+  local cfg = require("lofi.config").options
 
   h.start("lofi: Neovim")
   if vim.fn.has("nvim-0.7") == 1 then
@@ -53,15 +82,12 @@ M.check = function()
   local lofid = type(cfg.lofid_cmd) == "string" and cfg.lofid_cmd or cfg.lofid_cmd[1]
   local has_lofid = vim.fn.executable(lofid) == 1
   -- never start the daemon from a health check: ask only if something answers
-  local saved = cfg.auto_start
-  cfg.auto_start = false
   local err, s = request_sync("status", nil)
-  cfg.auto_start = saved
   if err then
     local advice = {}
     if err.code == errors.CODE.NOT_RUNNING then
-      table.insert(advice, "start it: `lofid` (or `systemctl --user start lofid`)")
-      if not saved then
+      table.insert(advice, "start it: :LofiDaemon start, `lofid`, or `systemctl --user start lofid`")
+      if not cfg.auto_start then
         table.insert(advice, "or let the plugin start it: require('lofi').setup({ auto_start = true })")
       end
       table.insert(advice, "check the socket path: set `socket` in setup() or $LOFID_SOCKET like the daemon's --socket")
@@ -102,14 +128,22 @@ M.check = function()
     h.info(string.format("last auto-start: pid %s%s", last.pid, last.exit and (", exited with " .. last.exit) or ""))
   end
 
+  local util = require("lofi.util")
+  if util.last_error then
+    h.info(string.format("last error (%s): %s", os.date("%H:%M:%S", util.last_error.at), util.last_error.text))
+  end
+
   h.start("lofi: playback")
-  local player = require("lofi.player")
-  local argv = player.find(cfg.players)
-  if argv then
-    h.ok("player: " .. vim.fn.exepath(argv[1]) .. (argv.loop and " (loops by itself)" or " (restarted at each end)"))
+  check_players(h, cfg.players)
+  local stream_player = require("lofi.stream").find_all(cfg.stream_players, 32000)[1]
+  if not cfg.stream then
+    h.info("stream = false: tracks play once they are finished")
+  elseif stream_player then
+    h.ok("stream player (tracks play as they are made): " .. vim.fn.exepath(stream_player[1]))
   else
-    h.warn("no audio player found (tried " .. player.names(cfg.players) .. ")",
-      { "install pipewire (pw-play), pulseaudio-utils (paplay), alsa-utils (aplay), ffmpeg (ffplay) or mpv" })
+    h.warn("no player that reads raw audio found (tried " .. require("lofi.stream").names(cfg.stream_players)
+      .. "): tracks play once they are finished",
+      { "install pipewire (pw-play), pulseaudio-utils (paplay), alsa-utils (aplay), ffmpeg, mpv or sox" })
   end
 end
 

@@ -36,7 +36,8 @@ M.strip_nil = strip_nil
 local Client = {}
 Client.__index = Client
 
----@param opts {path: string, on_notification?: fun(method: string, payload: table), on_close?: fun(err: table), on_connect?: fun()}
+---@param opts {path: string, on_notification?: fun(method: string, payload: table),
+---  on_close?: fun(err: table), on_connect?: fun()}
 ---@return lofi.rpc.Client
 M.new = function(opts)
   return setmetatable({
@@ -75,7 +76,8 @@ function Client:connect(cb)
     local failure
     if err then
       pipe:close()
-      failure = errors.new(errors.CODE.NOT_RUNNING, string.format("no lofid answers on %s (%s)", self.path, err))
+      failure = errors.new(errors.CODE.NOT_RUNNING,
+        string.format("lofid is not running (nothing answers on %s: %s)", self.path, err))
     else
       self.pipe = pipe
       self.unpacker = vim.mpack.Unpacker()
@@ -102,7 +104,8 @@ function Client:connect(cb)
   if not ok then
     self.connecting = nil
     pcall(pipe.close, pipe)
-    local failure = errors.new(errors.CODE.NOT_RUNNING, string.format("cannot connect to %s: %s", self.path, call_err))
+    local failure = errors.new(errors.CODE.NOT_RUNNING,
+      string.format("lofid is not running (cannot connect to %s: %s)", self.path, call_err))
     vim.schedule(function()
       cb(failure)
     end)

@@ -1,0 +1,1 @@
+"""Helpers for the Neovim plugin's tests: a headless editor driven over msgpack-rpc."""
