@@ -10,11 +10,7 @@ import sys
 import wave
 from pathlib import Path
 
-import pytest
-from lofictl.client import Client
 from test_lofictl import env, lofictl  # noqa: F401  (env is a fixture)
-
-from lofid.errors import LofiError
 
 
 def fake_players(short_tmp: Path, names: tuple[str, ...], status: int = 0) -> tuple[Path, Path]:
@@ -57,25 +53,11 @@ def pcm_of(wav_path: str) -> bytes:
         return w.readframes(w.getnframes())
 
 
-def daemon_streams(env: dict) -> bool:  # noqa: F811
-    """Whether the running lofid takes ``stream`` (an older one answers INVALID_PARAMS)."""
-    with Client(env["LOFID_SOCKET"], timeout=30) as c:
-        try:
-            c.call("generate", {"prompt": "probe step=0", "duration_sec": 5, "seed": 0, "stream": True})
-        except LofiError as e:
-            if e.code == "INVALID_PARAMS" and "stream" in e.message:
-                return False
-            raise
-    return True
-
-
 def test_generate_play_streams_to_a_player_reading_stdin(env, short_tmp):  # noqa: F811
     bindir, records = fake_players(short_tmp, ("aplay", "afplay"))
     env = with_path(env, bindir)
     assert lofictl(env, "status").returncode != 0  # none yet: the next one starts it
     assert lofictl(env, "generate", "start step=0", "--duration", "5", "--seed", "9").returncode == 0
-    if not daemon_streams(env):
-        pytest.skip("this lofid has no `stream` on generate yet")
     r = lofictl(env, "--json", "generate", "streamed step=0.005", "--duration", "6", "--seed", "1", "--play")
     assert r.returncode == 0, r.stderr
     record = json.loads(r.stdout)

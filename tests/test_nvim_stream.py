@@ -13,25 +13,12 @@ from pathlib import Path
 import pytest
 from nvim.editor import LAST_TRACK, editors, fake_player, needs_nvim, pid_alive
 
-from lofid.errors import LofiError
-
 pytestmark = needs_nvim
 
 
 @pytest.fixture
 def start_nvim(short_tmp):
     yield from editors(short_tmp)
-
-
-def streams(daemon) -> bool:
-    with daemon.client() as c:
-        try:
-            c.call("generate", {"prompt": "stream probe step=0.001", "duration_sec": 5, "stream": True})
-        except LofiError as e:
-            if e.code == "INVALID_PARAMS":
-                return False
-            raise
-    return True
 
 
 def raw_player(tmp: Path) -> tuple[Path, Path]:
@@ -60,8 +47,6 @@ def wait_for(fn, timeout: float = 20.0):
 
 
 def test_play_from_the_stream(daemon, start_nvim, short_tmp):
-    if not streams(daemon):
-        pytest.skip("this lofid does not take generate's `stream` yet (INVALID_PARAMS)")
     raw, out = raw_player(short_tmp)
     fileplay, log = fake_player(short_tmp)
     nvim = start_nvim(env={"LOFID_SOCKET": str(daemon.socket)},
@@ -104,20 +89,17 @@ def test_play_from_the_stream(daemon, start_nvim, short_tmp):
     assert len(log.read_text().splitlines()) == n  # and the file does not play
 
 
-def test_stream_refused_plays_the_file(daemon, start_nvim, short_tmp):
-    """A lofid without streaming (or no chunk at all): the finished file plays."""
-    if streams(daemon):
-        pytest.skip("this lofid streams; test_play_from_the_stream covers it")
-    raw, out = raw_player(short_tmp)
+def test_no_raw_player_plays_the_file_when_complete(daemon, start_nvim, short_tmp):
+    """No player that reads raw PCM on PATH (only file players, as afplay): the track is
+    not streamed, and the finished file plays."""
     fileplay, log = fake_player(short_tmp)
     nvim = start_nvim(env={"LOFID_SOCKET": str(daemon.socket)},
-                      setup={"stream_players": [[str(raw)]], "players": [[str(fileplay)]]})
+                      setup={"stream_players": ["no-such-raw-player"], "players": [[str(fileplay)]]})
     nvim.cmd("LofiGenerate not streamed step=0.002 duration=5 play=true")
     track = nvim.wait(LAST_TRACK)
     runs = wait_for(lambda: log.exists() and log.read_text().splitlines())
     assert runs[0].split()[1] == track["path"]
-    assert not list(out.glob("*.pcm"))
-    assert not nvim.texts("INVALID_PARAMS"), nvim.texts()
+    assert not nvim.texts("NO_PLAYER") and not nvim.texts("INVALID_PARAMS"), nvim.texts()
 
 
 def test_stream_goes_on_after_lofid_is_killed(short_tmp, start_nvim):
@@ -139,8 +121,6 @@ def test_stream_goes_on_after_lofid_is_killed(short_tmp, start_nvim):
     try:
         nvim.cmd("LofiDaemon start")
         nvim.wait("return _G.lofi_test.texts('lofid started')[1]", timeout=30)
-        if not streams(d):
-            pytest.skip("this lofid does not take generate's `stream` yet (INVALID_PARAMS)")
         nvim.cmd("LofiGenerate phoenix step=0.02 duration=8 seed=2 play=true")
         wait_for(lambda: nvim.statusline().startswith("♪ ▶ "))
         os.kill(nvim.lua("return require('lofi.daemon').last_start.pid"), signal.SIGKILL)

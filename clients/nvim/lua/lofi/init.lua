@@ -60,7 +60,10 @@ M.generate = function(prompt, opts, cb)
   end
   local submit = { duration_sec = opts.duration_sec or opts.duration, seed = opts.seed, priority = opts.priority,
     allow_download = opts.allow_download }
-  if opts.play and config.options.stream then
+  -- stream only where a player can read it (the rate is the model's, 32 kHz); else the file
+  local streamable = opts.play and config.options.stream
+    and #require("lofi.stream").find_all(config.options.stream_players, 32000) > 0
+  if streamable then
     submit.stream = true
     submit.on_accepted = function(res)
       if res.status ~= "complete" then
