@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 
 PROGRESS_STEP = 5
-# After the last token EnCodec turns the codes into audio and the WAV is written: ~8 % of a
-# request's time, on the CPU and on an H200 alike (bench/RESULTS.md). The tokens fill the
-# first 92 %; the rest goes out when the worker says the audio is decoded.
-TAIL_SHARE = 0.08
+# EnCodec decodes the audio span by span while the tokens come (spans.py); after the last
+# token only the last span (at most 3 s of audio, with its context) is decoded and the WAV
+# is written: a few % of a request's time. The tokens fill the first 97 %; the rest goes
+# out when the worker says the audio is decoded.
+TAIL_SHARE = 0.03
 
 
 class Progress:
