@@ -35,7 +35,7 @@ def options(role: str, threads: int):
     without memory patterns (with them its arena grows on every request, one pattern per
     audio length), and each EnCodec run shrinks the arena when it ends (``SHRINK_ARENA``):
     its activations go back to the OS instead of staying reserved under the next
-    request's KV buffers and text encoder. The figures: bench/RESULTS.md, "Worker memory
+    request's KV buffers and text encoder. The figures: bench/HISTORY.md, "Worker memory
     at load and per request"."""
     opts = session_options(threads)
     if role in ("text_encoder", "encodec"):

@@ -293,7 +293,7 @@ def stage(model, stage_dir: Path) -> str | bytes:
     bytes where ``stage_dir`` cannot be written. From the file onnxruntime parses a graph
     without the weights and reads each weight once, where from bytes it holds the whole
     serialized model, the parsed model and the weights at the same time: a lower peak
-    for the first load (bench/RESULTS.md, "Worker memory at load and per request").
+    for the first load (bench/HISTORY.md, "Worker memory at load and per request").
     The caller removes ``stage_dir``; a failed write raises OSError."""
     import onnx
 
