@@ -150,3 +150,10 @@ def test_each_request_teaches_the_next_its_step_growth_and_encodec_pace():
     later.codec(20, 0.5)
     assert later.codec_sec_per_frame() == pytest.approx(0.002)
     assert pacing.fit_growth([(p, 0.02) for p in range(1, 60)]) is None   # too few positions to tell
+
+
+def test_a_busy_minute_barely_moves_the_fitted_growth():
+    steps = [(p, 0.02 * (1 + 1e-3 * p) * (3 if 400 <= p < 500 else 1)) for p in range(1, 1000)]
+    assert pacing.fit_growth(steps) == pytest.approx(1e-3, rel=0.1)
+    flat_then_spike = [(p, 0.02 * (10 if p > 900 else 1)) for p in range(1, 1000)]
+    assert pacing.fit_growth(flat_then_spike) <= 1e-4

@@ -23,7 +23,10 @@ STEP_GROWTH = 1e-3     # a step's cost grows by this share of the first step's p
 PREFILL_SHARE = 0.25   # a re-prime costs this share of a step per primed position
 MARGIN = 0.05          # predicted work is stretched by this share (other load, noise) ...
 SLACK_SEC = 0.3        # ... plus this much
-GROWTH_BIN = 50        # positions per bin when a request's step times are fitted
+GROWTH_BIN = 50        # positions per bin when a request's step times are fitted ...
+MIN_BINS = 5           # ... and the fewest bins a fit goes on
+MAX_GROWTH = 3e-3      # a fitted growth above this is noise (attention over 1500 positions
+                       # would cost more than 5 steps at position 0)
 
 
 @dataclass(frozen=True)
@@ -107,18 +110,23 @@ class Pacer:
 
 
 def fit_growth(step_times: Sequence[tuple[int, float]]) -> float | None:
-    """A step's cost as ``a * (1 + growth * position)``: the line through the median step
-    time of each bin of ``GROWTH_BIN`` positions; None with fewer than 3 bins."""
+    """A step's cost as ``a * (1 + growth * position)``, fitted robustly: the median step
+    time of each bin of ``GROWTH_BIN`` positions, the median of the slopes between bins
+    (one busy minute on a shared machine moves it little), as a share of the cost at 0,
+    within ``[0, MAX_GROWTH]``. None with fewer than ``MIN_BINS`` bins to go on."""
     bins: dict[int, list[float]] = {}
     for position, seconds in step_times:
         bins.setdefault(position // GROWTH_BIN, []).append(seconds)
-    points = [((b + 0.5) * GROWTH_BIN, statistics.median(v)) for b, v in bins.items() if len(v) >= GROWTH_BIN // 2]
-    if len(points) < 3:
+    points = sorted(((b + 0.5) * GROWTH_BIN, statistics.median(v)) for b, v in bins.items()
+                    if len(v) >= GROWTH_BIN // 2)
+    if len(points) < MIN_BINS:
         return None
-    slope, intercept = statistics.linear_regression([x for x, _ in points], [y for _, y in points])
-    if intercept <= 0:
+    slope = statistics.median((y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(points)
+                              for x2, y2 in points[i + 1:])
+    at_zero = statistics.median(y - slope * x for x, y in points)
+    if at_zero <= 0:
         return None
-    return min(0.01, max(0.0, slope / intercept))
+    return min(MAX_GROWTH, max(0.0, slope / at_zero))
 
 
 def remaining_work(plans: Sequence[tuple[int, int, int]], num_codebooks: int, window: int, position: int,
