@@ -93,9 +93,14 @@ class PlayerRun:
         last = lines[-1] if lines[-1].startswith(f"{self.name}:") else f"{self.name}: {lines[-1]}"
         return f"{last} ({how})"
 
-    def stop(self) -> None:
+    def stop(self, wait_sec: float = 0.0) -> None:
+        """Terminate it (if it still runs), and wait up to ``wait_sec`` for it to end."""
         if self.proc.poll() is None:
             self.proc.terminate()
+            try:
+                self.proc.wait(wait_sec)
+            except subprocess.TimeoutExpired:
+                pass
 
 
 def close_quietly(stdin) -> bool:
@@ -127,7 +132,7 @@ def play(path: Path) -> None:
         try:
             returncode = run.wait()
         except BaseException:  # Ctrl-C: the player stops too
-            run.stop()
+            run.stop(wait_sec=1.0)
             raise
         if returncode == 0:
             return
