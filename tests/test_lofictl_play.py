@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import wave
 from pathlib import Path
@@ -89,3 +90,60 @@ def test_a_failing_player_is_player_failed(env, short_tmp):  # noqa: F811
     assert len(runs(records)) == 1
     r = lofictl(with_path(env, short_tmp / "nothing"), "play", Path(r.stderr.split()[-1]).stem)
     assert r.returncode != 0 and "lofictl: NO_PLAYER: no audio player found" in r.stderr
+
+
+def failing_player(bindir: Path, name: str, message: str, status: int) -> Path:
+    """A player that cannot play here: it says why on stderr (after a line of noise) and exits
+    with ``status`` at once, reading nothing; each run appends its name to tried.log."""
+    bindir.mkdir(exist_ok=True)
+    tried = bindir.parent / "tried.log"
+    script = bindir / name
+    script.write_text(f"#!/bin/sh\necho {name} >> {shlex.quote(str(tried))}\n"
+                      f"echo {shlex.quote(name + ' noise before the reason')} >&2\n"
+                      f"echo {shlex.quote(message)} >&2\nexit {status}\n")
+    script.chmod(0o755)
+    return tried
+
+
+APLAY_BUSY = "aplay: audio open error: Device or resource busy"
+
+
+def test_a_player_that_fails_at_once_gives_way_to_the_next(env, short_tmp):  # noqa: F811
+    tried = failing_player(short_tmp / "bin", "aplay", APLAY_BUSY, 1)  # first in the order
+    bindir, records = fake_players(short_tmp, ("mpv",))
+    env = with_path(env, bindir)
+    r = lofictl(env, "--json", "generate", "file first step=0.002", "--duration", "5", "--seed", "4")
+    assert r.returncode == 0, r.stderr
+    record = json.loads(r.stdout)
+    r = lofictl(env, "play", record["track_id"])
+    assert r.returncode == 0, r.stderr
+    assert runs(records) == [["mpv", "--no-video", "--really-quiet", record["path"]]]
+    assert tried.read_text() == "aplay\n" and "aplay" not in r.stderr  # its stderr did not spill
+    # from the stream: mpv gets the PCM from the start, exactly the WAV's samples
+    r = lofictl(env, "--json", "generate", "streamed after aplay step=0.005", "--duration", "6", "--seed", "5",
+                "--play")
+    assert r.returncode == 0, r.stderr
+    record = json.loads(r.stdout)
+    assert record["cached"] is False and "aplay" not in r.stderr
+    assert tried.read_text() == "aplay\naplay\n"
+    assert runs(records)[1:] == [["mpv", "--no-video", "--really-quiet", "--demuxer=rawaudio",
+                                  "--demuxer-rawaudio-format=s16le", "--demuxer-rawaudio-rate=32000",
+                                  "--demuxer-rawaudio-channels=1", "-"]]
+    assert (records / "stdin.pcm").read_bytes() == pcm_of(record["path"])
+
+
+def test_when_every_player_fails_player_failed_names_each_with_its_stderr(env, short_tmp):  # noqa: F811
+    bindir = short_tmp / "bin"
+    tried = failing_player(bindir, "aplay", APLAY_BUSY, 1)
+    failing_player(bindir, "mpv", "Could not open/initialize audio device -> no sound.", 2)
+    env = with_path(env, bindir)
+    why = (f"lofictl: PLAYER_FAILED: {APLAY_BUSY} (exited with status 1); "
+           "mpv: Could not open/initialize audio device -> no sound. (exited with status 2); the track is ")
+    r = lofictl(env, "--json", "generate", "nowhere to play step=0.005", "--duration", "6", "--seed", "6", "--play")
+    assert r.returncode != 0 and r.stderr.splitlines()[-1].startswith(why), r.stderr
+    path = r.stderr.splitlines()[-1][len(why):]
+    assert Path(path).is_file() and "noise" not in r.stderr  # the track is kept; no other player output
+    assert tried.read_text() == "aplay\nmpv\n"
+    r = lofictl(env, "play", Path(path).stem)
+    assert r.returncode != 0 and r.stderr.splitlines()[-1] == why + path, r.stderr
+    assert "noise" not in r.stderr and tried.read_text() == "aplay\nmpv\n" * 2

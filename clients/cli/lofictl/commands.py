@@ -24,7 +24,7 @@ from lofictl.output import (
     human_bytes,
     note,
 )
-from lofictl.player import StreamPlayback, find_player, play
+from lofictl.player import StreamPlayback, find_players, play
 from lofid import config, errors
 from lofid.errors import LofiError
 
@@ -83,8 +83,8 @@ def track_record(c: Client, track_id: str, cached: bool, fallback: dict) -> dict
 
 def stream_playback(args) -> StreamPlayback | None:
     """With --play (and waiting): a playback from the stream, where a player reads PCM on stdin."""
-    found = find_player(stream=True) if args.play and not args.no_wait else None
-    return StreamPlayback(*found) if found is not None else None
+    players = find_players(stream=True) if args.play and not args.no_wait else []
+    return StreamPlayback(players) if players else None
 
 
 def cmd_generate(args, settings) -> int:
