@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lofid import errors
+from lofid.broker import tracks
 from lofid.config import Settings
 from lofid.errors import LofiError
 
@@ -141,9 +142,8 @@ class Supervisor:
     def _remove_temp_wavs(self, pid: int) -> None:
         """A worker killed while writing leaves its temporary WAV behind; nobody will finish it."""
         try:
-            for p in Path(self.settings.cache_dir).glob(f".*.wav.{pid}.tmp"):
-                log.info("removing %s, left by the dead worker", p.name)
-                p.unlink(missing_ok=True)
+            for name in tracks.remove_temp_files(Path(self.settings.cache_dir), pid):
+                log.info("removed %s, left by the dead worker", name)
         except OSError as e:
             log.warning("cannot remove the dead worker's temporary files: %s", e)
 

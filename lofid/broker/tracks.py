@@ -14,6 +14,11 @@ access. Writing the record sets it; a cache hit of ``generate`` and every ``trac
 look-up (``lofictl play`` uses it) touch it. Listing the tracks does not. Eviction
 removes the JSON first, so a track is never complete without its WAV; a WAV left
 without its JSON by a crash is removed at the next start.
+
+The folder may be the user's own (``--cache-dir ~/Music/lofi``): only names lofid makes
+(``<track_id>.wav``, ``<track_id>.json`` and their temporary files,
+``.<track_id>.wav.<pid>.<random>.tmp``) are ever removed, at start, by eviction, by
+``cache_prune`` and by ``track_delete``; anything else there is left alone.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ log = logging.getLogger(__name__)
 
 TRACK_ID_LEN = 16
 _TRACK_ID = re.compile(rf"[0-9a-f]{{{TRACK_ID_LEN}}}")  # always with fullmatch
+_TRACK_FILE = re.compile(rf"([0-9a-f]{{{TRACK_ID_LEN}}})\.(wav|json)")
+# the temporary names of lofid.paths.create_temp (older lofid: without the random part)
+_TRACK_TEMP = re.compile(rf"\.[0-9a-f]{{{TRACK_ID_LEN}}}\.(?:wav|json)\.(\d+)(?:\.[0-9a-f]{{8}})?\.tmp")
 
 
 def track_id(prompt: str, seed: int, duration_sec: float, model_version: str) -> str:
@@ -58,15 +66,15 @@ class TrackCache:
         self.root = root
 
     def prepare(self) -> None:
-        """Create the folder; remove temporary files and half tracks of dead runs."""
+        """Create the folder; remove lofid's temporary files and half tracks of dead runs."""
         self.root.mkdir(parents=True, exist_ok=True)
         for p in self.root.iterdir():
-            if paths.is_tmp(p):
+            if is_temp_file(p.name):
                 log.info("removing leftover temporary file %s", p.name)
-                p.unlink(missing_ok=True)
-            elif p.suffix == ".wav" and not p.with_suffix(".json").exists():
+                _unlink_file(p)
+            elif (m := _TRACK_FILE.fullmatch(p.name)) and m[2] == "wav" and not p.with_suffix(".json").exists():
                 log.info("removing %s: its run died before the track was recorded", p.name)
-                p.unlink(missing_ok=True)
+                _unlink_file(p)
 
     def wav_path(self, tid: str) -> Path:
         return self.root / f"{check_track_id(tid)}.wav"
@@ -166,6 +174,30 @@ class TrackCache:
 
     def total_bytes(self) -> int:
         return sum(e.size for e in self.entries())
+
+
+def is_temp_file(name: str, pid: int | None = None) -> bool:
+    """Whether ``name`` is a temporary track file lofid writes (of process ``pid`` if given)."""
+    m = _TRACK_TEMP.fullmatch(name)
+    return m is not None and (pid is None or int(m[1]) == pid)
+
+
+def remove_temp_files(root: Path, pid: int) -> list[str]:
+    """Remove the temporary track files of process ``pid`` (a worker killed while writing)."""
+    removed = []
+    for p in root.glob(f".*.{pid}.*"):
+        if is_temp_file(p.name, pid):
+            _unlink_file(p)
+            removed.append(p.name)
+    return removed
+
+
+def _unlink_file(p: Path) -> None:
+    """Remove a file or a symlink (never what it points to), not a folder."""
+    try:
+        p.unlink()
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        pass
 
 
 @dataclass(frozen=True)

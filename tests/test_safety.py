@@ -1,0 +1,78 @@
+"""Data safety and trust at the daemon's edges (issue 17): which files lofid may remove,
+how it writes temporary files, who can read what it writes, which settings enter a track
+id, failures that stay answerable, model state after a failed download, connection
+limits, out of memory at load, and small hardening. Each test runs a real lofid with the
+scripted engine (tests/engines.py) on a temporary socket."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import time
+
+import pytest
+
+from lofid.errors import LofiError
+
+
+def gen(c, prompt, seed=1, duration=5, **kw):
+    return c.call("generate", {"prompt": prompt, "duration_sec": duration, "seed": seed, **kw})
+
+
+def done(c, prompt, seed=1, **kw):
+    r = gen(c, prompt, seed, **kw)
+    return r if r["status"] == "complete" else c.wait_track(r["track_id"], timeout=60)
+
+
+def expect_error(c, track_id, timeout=60):
+    with pytest.raises(LofiError) as e:
+        c.wait_track(track_id, timeout=timeout)
+    return e.value
+
+
+def wait_for(predicate, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# ------------------------------------------------------- 1. only lofid's own files are removed
+
+
+def test_only_names_lofid_makes_are_ever_removed(make_daemon, short_tmp):
+    """A cache dir the user shares with their own files: start, eviction, track_delete,
+    cache_prune and a worker killed mid-job remove lofid's names and nothing else."""
+    cache = short_tmp / "music"
+    cache.mkdir(mode=0o700)
+    mine = {"my_song.wav": b"RIFF my own song", ".notes.tmp": b"notes", "my_song.json": b"{}",
+            ".my_song.wav.123.tmp": b"an editor's temp", "0123456789abcdef.wav.bak": b"backup",
+            "0123456789ABCDEF.wav": b"upper case", ".0123456789abcdef.wav.tmp": b"no pid",
+            "notes.txt": b"text"}
+    for name, data in mine.items():
+        (cache / name).write_bytes(data)
+    (cache / "a folder.tmp").mkdir()
+    leftovers = [".0123456789abcdef.wav.999.tmp", ".0123456789abcdef.json.999.0badcafe.tmp",
+                 "fedcba9876543210.wav"]  # an older run's temporary files, a WAV without its record
+    for name in leftovers:
+        (cache / name).write_bytes(b"half")
+
+    d = make_daemon(cache_dir=cache, cache_max_mb=1)  # room for three 5 s tracks
+    with d.client() as c:
+        tracks = [done(c, "mine step=0", seed) for seed in range(1, 6)]  # eviction twice
+        worker = c.call("status")["worker"]["pid"]
+        (cache / f".my_song.wav.{worker}.tmp").write_bytes(b"named like the worker's")  # the dead worker's pid
+        crashed = gen(c, "crash@3 step=0", 9)
+        assert expect_error(c, crashed["track_id"]).code == "MODEL_INFERENCE_FAILED"
+        c.call("track_delete", {"track_id": tracks[-1]["track_id"]})
+        assert c.call("cache_prune", {"all": True})["tracks_left"] == 0
+    d.stop()
+    mine[f".my_song.wav.{worker}.tmp"] = b"named like the worker's"
+    left = {p.name: p.read_bytes() for p in cache.iterdir() if p.is_file()}
+    assert left == mine  # every file of the user's, byte for byte; none of lofid's
+    assert (cache / "a folder.tmp").is_dir()
+    assert "removing leftover temporary file .0123456789abcdef.wav.999.tmp" in d.logs()
