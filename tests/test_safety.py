@@ -7,7 +7,6 @@ scripted engine (tests/engines.py) on a temporary socket."""
 from __future__ import annotations
 
 import os
-import signal
 import stat
 import time
 
@@ -76,3 +75,57 @@ def test_only_names_lofid_makes_are_ever_removed(make_daemon, short_tmp):
     assert left == mine  # every file of the user's, byte for byte; none of lofid's
     assert (cache / "a folder.tmp").is_dir()
     assert "removing leftover temporary file .0123456789abcdef.wav.999.tmp" in d.logs()
+
+
+# ------------------------------------------- 2. temporary files are exclusive; the cache dir is checked
+
+
+def test_a_planted_symlink_at_a_temporary_name_is_never_followed(daemon, short_tmp):
+    """Symlinks at the temporary names lofid once used (``.<id>.wav.<worker pid>.tmp`` and
+    ``.<id>.json.<broker pid>.tmp``, predictable) point at files of the user's: they stay
+    untouched, and the track is written anyway."""
+    victims = {n: short_tmp / n for n in ("victim.wav", "victim.json")}
+    for path in victims.values():
+        path.write_bytes(b"precious")
+    with daemon.client() as c:
+        done(c, "start the worker step=0", 1)
+        worker = c.call("status")["worker"]["pid"]
+        r = gen(c, "slow step=0.01", 2)
+        cache = daemon.cache_dir
+        os.symlink(victims["victim.wav"], cache / f".{r['track_id']}.wav.{worker}.tmp")
+        os.symlink(victims["victim.json"], cache / f".{r['track_id']}.json.{daemon.proc.pid}.tmp")
+        record = c.wait_track(r["track_id"], timeout=60)
+    assert all(p.read_bytes() == b"precious" for p in victims.values())
+    for name in (f"{r['track_id']}.wav", f"{r['track_id']}.json"):
+        st = os.lstat(cache / name)
+        assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600, name
+    assert os.path.getsize(record["path"]) == 5 * 32000 * 2 + 44
+
+
+@pytest.mark.parametrize("how", ["group and others can write", "another user's"])
+def test_a_cache_dir_others_control_is_refused_with_the_fix(make_daemon, short_tmp, how):
+    cache = short_tmp / "shared"
+    cache.mkdir()
+    if how == "another user's":
+        if os.geteuid() != 0:
+            pytest.skip("giving a folder away needs root")
+        os.chown(cache, 65534, 65534)
+    else:
+        os.chmod(cache, 0o777)
+    (cache / "fedcba9876543210.wav").write_bytes(b"planted")  # lofid's name, in a folder it does not trust
+    d = make_daemon(cache_dir=cache)
+    with d.client() as c:
+        with pytest.raises(LofiError) as e:
+            gen(c, "refused step=0")
+        assert e.value.code == "STORAGE_FAILED"
+        assert str(cache) in e.value.message
+        fix = "belongs to uid 65534" if how == "another user's" else "chmod go-w"
+        assert fix in e.value.message, e.value.message
+        assert c.call("status")["queue"] == []  # nothing was queued
+        if how == "another user's":
+            os.chown(cache, os.getuid(), os.getgid())
+        else:
+            os.chmod(cache, 0o755)  # the user's fix; read access for others is the user's choice
+        assert done(c, "fixed step=0")["status"] == "complete"  # no restart needed
+    assert (cache / "fedcba9876543210.wav").exists()  # nothing removed in the folder at start
+    assert "no track is written until it is fixed" in d.logs()

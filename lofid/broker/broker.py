@@ -212,6 +212,7 @@ class Broker:
         req = parse_generate(params)
         if self.closing or self.stopping.is_set():
             raise LofiError(errors.INTERNAL, "the daemon is shutting down; ask again when it is back")
+        await asyncio.to_thread(self.cache.check)
         loc = await self.model_location()
         tid = track_id(req["prompt"], req["seed"], req["duration_sec"], loc.model_version)
         record = await asyncio.to_thread(self.cache.get, tid)

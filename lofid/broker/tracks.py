@@ -66,8 +66,14 @@ class TrackCache:
         self.root = root
 
     def prepare(self) -> None:
-        """Create the folder; remove lofid's temporary files and half tracks of dead runs."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Create the folder (0700); remove lofid's temporary files and half tracks of dead
+        runs. A folder others could write in is left alone (``check`` says why)."""
+        paths.make_dirs(self.root)
+        try:
+            self.check()
+        except LofiError as e:
+            log.error("%s; no track is written until it is fixed", e.message)
+            return
         for p in self.root.iterdir():
             if is_temp_file(p.name):
                 log.info("removing leftover temporary file %s", p.name)
@@ -75,6 +81,14 @@ class TrackCache:
             elif (m := _TRACK_FILE.fullmatch(p.name)) and m[2] == "wav" and not p.with_suffix(".json").exists():
                 log.info("removing %s: its run died before the track was recorded", p.name)
                 _unlink_file(p)
+
+    def check(self) -> None:
+        """STORAGE_FAILED unless the folder is this user's and no one else can write in it
+        (others could plant files, or symlinks for lofid to follow)."""
+        try:
+            paths.check_own_dir(self.root, "track cache")
+        except OSError as e:
+            raise LofiError(errors.STORAGE_FAILED, str(e)) from None
 
     def wav_path(self, tid: str) -> Path:
         return self.root / f"{check_track_id(tid)}.wav"
