@@ -127,6 +127,14 @@ def acquire_lock(socket_path: Path) -> int:
     return fd
 
 
+def open_private_log(path: Path):
+    """Open a log file for appending, 0600 whatever the umask (a log holds prompts); never
+    through a symlink. -> a binary file object."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)  # also one an older version left readable
+    return os.fdopen(fd, "ab")
+
+
 TMP_SUFFIX = ".tmp"
 
 

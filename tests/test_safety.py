@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
+from conftest import FIXTURE_MODEL, SCRIPTED_ENGINE, _pythonpath, make_fake_model, shutdown_daemon_at
 
 from lofid.errors import LofiError
 
@@ -129,3 +133,61 @@ def test_a_cache_dir_others_control_is_refused_with_the_fix(make_daemon, short_t
         assert done(c, "fixed step=0")["status"] == "complete"  # no restart needed
     assert (cache / "fedcba9876543210.wav").exists()  # nothing removed in the folder at start
     assert "no track is written until it is fixed" in d.logs()
+
+
+# ------------------------------------------------------------- 4. private whatever the umask
+
+
+def modes(root: Path) -> dict[str, int]:
+    """Path (relative to root) -> permission bits, for root and everything under it."""
+    out = {".": stat.S_IMODE(os.lstat(root).st_mode)}
+    for p in root.rglob("*"):
+        out[str(p.relative_to(root))] = stat.S_IMODE(os.lstat(p).st_mode)
+    return out
+
+
+def test_everything_lofid_writes_is_private_whatever_the_umask(short_tmp):
+    """lofictl under umask 000 starts lofid and generates: the state dir, the daemon's log
+    (it holds prompts), the track cache (created three levels deep), the tracks, the hash
+    cache: folders 0700, files 0600."""
+    base = short_tmp / "home"
+    env = {**os.environ, "PYTHONPATH": _pythonpath(), "LOFID_ENGINE": SCRIPTED_ENGINE,
+           "LOFID_SOCKET": str(short_tmp / "run" / "lofid.sock"), "LOFID_CACHE_DIR": str(base / "cache" / "lofid"
+                                                                                        / "tracks"),
+           "LOFID_STATE_DIR": str(base / "state"), "LOFID_MODEL_DIR": str(make_fake_model(short_tmp / "model")),
+           "LOFID_CONFIG": str(short_tmp / "config.toml"), "HF_HOME": str(short_tmp / "hf")}
+    (short_tmp / "config.toml").write_text("")
+    base.mkdir(mode=0o700)
+    try:
+        r = subprocess.run([sys.executable, "-m", "lofictl", "generate", "a secret prompt step=0", "--duration", "5"],
+                           env=env, capture_output=True, text=True, timeout=90, stdin=subprocess.DEVNULL,
+                           preexec_fn=lambda: os.umask(0))
+        assert r.returncode == 0, r.stderr
+    finally:
+        shutdown_daemon_at(short_tmp / "run" / "lofid.sock")
+    found = modes(base)
+    assert "a secret prompt" in (base / "state" / "lofid.log").read_text()
+    assert {"state/lofid.log", "state/model-hashes.json"} <= set(found)
+    assert any(name.endswith(".wav") for name in found) and any(name.endswith(".json") for name in found)
+    loose = {name: f"{mode:04o}" for name, mode in found.items()
+             if mode != (0o700 if (base / name).is_dir() else 0o600)}
+    assert loose == {}, loose
+
+
+def test_the_optimized_graph_cache_is_private_whatever_the_umask(make_daemon, short_tmp):
+    """The real engine on the tiny model writes its optimized graphs under a umask of 000."""
+    old = os.umask(0)
+    try:
+        d = make_daemon(model_dir=FIXTURE_MODEL, variant="int8", threads=1,
+                        env={"LOFID_ENGINE": "lofid.worker.musicgen:MusicGen"})
+    finally:
+        os.umask(old)
+    with d.client() as c:
+        done(c, "lofi, privately", 1)
+    optimized = short_tmp / "optimized"  # LOFID_OPTIMIZED_DIR of the Daemon fixture
+    found = modes(optimized)
+    assert any(name.endswith(".onnx") for name in found), found
+    loose = {name: f"{mode:04o}" for name, mode in found.items()
+             if mode != (0o700 if (optimized / name).is_dir() else 0o600)}
+    assert loose == {}, loose
+    assert modes(d.cache_dir) == {".": 0o700, **{n: 0o600 for n in modes(d.cache_dir) if n != "."}}

@@ -34,6 +34,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from lofid import paths
 from lofid.errors import (
     INVALID_DURATION,
     INVALID_PARAMS,
@@ -823,7 +824,7 @@ class MusicGen:
         marker = optimized_dir() / f"{where}.source"   # for prune_optimized
         if not marker.is_file():
             try:
-                marker.parent.mkdir(parents=True, exist_ok=True)
+                paths.make_dirs(marker.parent)
                 marker.write_text(str(src))
             except OSError:
                 pass   # not caching anyway: _saving reports why
@@ -836,7 +837,7 @@ class MusicGen:
         (temporary graph path, weights path). Raises OSError."""
         tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
         weights = cache.with_name(f"{cache.name}.{os.getpid()}.data")
-        cache.parent.mkdir(parents=True, exist_ok=True)
+        paths.make_dirs(cache.parent)
         for pattern in (f"{stem}.*.{kind}.onnx", f"{stem}.*.{kind}.onnx.*.data"):
             for old in cache.parent.glob(pattern):
                 old.unlink(missing_ok=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lofictl import service
 from lofictl.client import Client, Disconnected
-from lofid import config, errors
+from lofid import config, errors, paths
 from lofid.errors import LofiError
 
 PLAYERS = (
@@ -59,8 +59,7 @@ def connect(args, settings: config.Settings) -> Client:
 
 
 def start_daemon(args, settings: config.Settings) -> None:
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    log = open(settings.state_dir / "lofid.log", "ab")
+    log = paths.open_private_log(paths.private_dir(settings.state_dir) / "lofid.log")  # it holds prompts
     argv = [sys.executable, "-m", "lofid", "--socket", str(settings.socket)]
     if args.config:
         argv += ["--config", str(args.config)]

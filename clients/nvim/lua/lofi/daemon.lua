@@ -139,6 +139,25 @@ local function lofid_argv()
   return argv
 end
 
+--- Open the log for appending, private whatever the umask (it holds prompts): its folder
+--- 0700 when created here, the file 0600; never through a symlink. -> fd or nil.
+M.open_private_log = function(log)
+  local dir = vim.fn.fnamemodify(log, ":h")
+  if vim.fn.isdirectory(dir) == 0 then
+    vim.fn.mkdir(dir, "p", 448) -- 0700
+    uv.fs_chmod(dir, 448)
+  end
+  local st = uv.fs_lstat(log)
+  if st and st.type ~= "file" then
+    return nil
+  end
+  local fd = uv.fs_open(log, "a", 384) -- 0600
+  if fd then
+    uv.fs_fchmod(fd, 384)
+  end
+  return fd
+end
+
 --- Start lofid detached (it outlives the editor), logging to log_file, and wait until it
 --- answers; cb(err). Concurrent callers share one start.
 M.start = function(cb)
@@ -160,8 +179,7 @@ M.start = function(cb)
       M.socket_path(), argv[1])))
   end
   local log = M.log_path()
-  vim.fn.mkdir(vim.fn.fnamemodify(log, ":h"), "p")
-  local fd = uv.fs_open(log, "a", 420) -- 0644
+  local fd = M.open_private_log(log)
   local exited = nil
   local handle, pid_or_err = uv.spawn(argv[1], {
     args = vim.list_slice(argv, 2),
