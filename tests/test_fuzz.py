@@ -202,7 +202,7 @@ def _check_generate(params):
     assert type(d) is float and math.isfinite(d) and DURATION_MIN <= d <= DURATION_MAX
     assert type(req["seed"]) is int and 0 <= req["seed"] <= SEED_MAX
     assert req["priority"] in ("normal", "high") and req["allow_download"] in (None, True, False)
-    tid = track_id(p, req["seed"], d, "local:0123/fp16")
+    tid = track_id(p, req["seed"], d, "local:0123/fp16", top_k=250, temperature=1.0, guidance_scale=3.0)
     assert re.fullmatch(r"[0-9a-f]{16}", tid)
     return req
 
@@ -251,7 +251,8 @@ def test_unicode_prompts(prompt):
     assert req["prompt"] == prompt and prompt.strip() and len(prompt) <= PROMPT_MAX
     # the same prompt always gives the same id, and it survives the msgpack round trip
     again = msgpack.unpackb(pack(prompt), raw=False)
-    assert track_id(again, 1, 5.0, "v") == track_id(prompt, 1, 5.0, "v")
+    sampling = {"top_k": 250, "temperature": 1.0, "guidance_scale": 3.0}
+    assert track_id(again, 1, 5.0, "v", **sampling) == track_id(prompt, 1, 5.0, "v", **sampling)
 
 
 @FAST

@@ -191,3 +191,31 @@ def test_the_optimized_graph_cache_is_private_whatever_the_umask(make_daemon, sh
              if mode != (0o700 if (optimized / name).is_dir() else 0o600)}
     assert loose == {}, loose
     assert modes(d.cache_dir) == {".": 0o700, **{n: 0o600 for n in modes(d.cache_dir) if n != "."}}
+
+
+# ----------------------------------------------------------- 5. sampling settings in the track id
+
+
+def test_changed_sampling_settings_make_a_new_track(make_daemon):
+    """The same prompt, seed and duration under other top_k / temperature / guidance_scale is
+    another track, generated (not the old one from the cache); unchanged settings hit the cache."""
+    d = make_daemon()
+    with d.client() as c:
+        first = done(c, "lofi sampling step=0", 7)
+        assert first["top_k"] == 250 and first["temperature"] == 1.0 and first["guidance_scale"] == 3.0
+        assert gen(c, "lofi sampling step=0", 7)["cached"] is True
+    d.stop()
+    ids = {first["track_id"]}
+    for flag, value in (("top_k", 50), ("temperature", 0.7), ("guidance_scale", 1.5)):
+        d.flags = {k: v for k, v in d.flags.items() if k not in ("top_k", "temperature", "guidance_scale")}
+        d.flags[flag] = value
+        d.start()
+        with d.client() as c:
+            r = gen(c, "lofi sampling step=0", 7)
+            assert r["cached"] is False and r["track_id"] not in ids, (flag, r)
+            record = c.wait_track(r["track_id"])
+            assert record[flag] == value
+            assert gen(c, "lofi sampling step=0", 7)["cached"] is True  # the same settings: the same track
+        ids.add(r["track_id"])
+        d.stop()
+    assert len(ids) == 4

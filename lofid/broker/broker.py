@@ -126,7 +126,7 @@ class Broker:
             result = await self.supervisor.call({"op": "generate", "job": job.to_worker()},
                                                 lambda ev: self.on_worker_event(ev, job))
             record = {"track_id": job.track_id, "prompt": job.prompt, "seed": job.seed,
-                      "duration_sec": job.duration_sec, "created_at": now(), **result}
+                      "duration_sec": job.duration_sec, **self.sampling(), "created_at": now(), **result}
             record = await asyncio.to_thread(self.cache.put, record)
         except LofiError as e:
             self.fail(job, e)
@@ -214,7 +214,7 @@ class Broker:
             raise LofiError(errors.INTERNAL, "the daemon is shutting down; ask again when it is back")
         await asyncio.to_thread(self.cache.check)
         loc = await self.model_location()
-        tid = track_id(req["prompt"], req["seed"], req["duration_sec"], loc.model_version)
+        tid = track_id(req["prompt"], req["seed"], req["duration_sec"], loc.model_version, **self.sampling())
         record = await asyncio.to_thread(self.cache.get, tid)
         if record is not None:
             return {"track_id": tid, "seed": req["seed"], "status": "complete", "position": 0, "cached": True,
@@ -230,6 +230,11 @@ class Broker:
         status = "running" if job is self.queue.running else "queued"
         return {"track_id": tid, "seed": job.seed, "status": status, "position": self.queue.position(job),
                 "cached": False}
+
+    def sampling(self) -> dict:
+        """The sampling settings: part of every track id and record (they change the audio)."""
+        s = self.settings
+        return {"top_k": s.top_k, "temperature": s.temperature, "guidance_scale": s.guidance_scale}
 
     def _consent(self, loc: assets.ModelLocation, asked: bool | None) -> bool:
         """Whether the job may download missing files; raises MODEL_NOT_FOUND if it may not."""

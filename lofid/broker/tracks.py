@@ -1,8 +1,9 @@
 """Track ids and the track cache.
 
 A track id is the first 16 hex digits of SHA-256 over the canonical JSON of
-``{"prompt", "seed", "duration_sec", "model_version"}`` (keys sorted, UTF-8, no
-spaces, duration as a float). The same four values always give the same id.
+``{"prompt", "seed", "duration_sec", "model_version", "top_k", "temperature",
+"guidance_scale"}`` (keys sorted, UTF-8, no spaces, duration, temperature and guidance
+as floats): everything that changes the audio. The same values always give the same id.
 
 The cache folder holds ``<track_id>.wav`` (written by the worker) and
 ``<track_id>.json`` (the track record, written here). Both are written to a
@@ -44,9 +45,11 @@ _TRACK_FILE = re.compile(rf"([0-9a-f]{{{TRACK_ID_LEN}}})\.(wav|json)")
 _TRACK_TEMP = re.compile(rf"\.[0-9a-f]{{{TRACK_ID_LEN}}}\.(?:wav|json)\.(\d+)(?:\.[0-9a-f]{{8}})?\.tmp")
 
 
-def track_id(prompt: str, seed: int, duration_sec: float, model_version: str) -> str:
+def track_id(prompt: str, seed: int, duration_sec: float, model_version: str, *, top_k: int,
+             temperature: float, guidance_scale: float) -> str:
     canonical = json.dumps(
-        {"prompt": prompt, "seed": int(seed), "duration_sec": float(duration_sec), "model_version": model_version},
+        {"prompt": prompt, "seed": int(seed), "duration_sec": float(duration_sec), "model_version": model_version,
+         "top_k": int(top_k), "temperature": float(temperature), "guidance_scale": float(guidance_scale)},
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
