@@ -219,3 +219,37 @@ def test_changed_sampling_settings_make_a_new_track(make_daemon):
         ids.add(r["track_id"])
         d.stop()
     assert len(ids) == 4
+
+
+# ------------------------------------------------------------------ 6. failures stay answerable
+
+
+def test_a_failed_track_stays_answerable_and_asking_again_retries(daemon):
+    with daemon.client() as c:
+        r = gen(c, "doomed nan@3 step=0", 5)
+        err = expect_error(c, r["track_id"])
+        assert err.code == "MODEL_INFERENCE_FAILED"
+        record = c.call("track", {"track_id": r["track_id"]})
+        assert record["status"] == "failed" and record["track_id"] == r["track_id"]
+        assert record["error"] == {"code": "MODEL_INFERENCE_FAILED", "message": err.message}
+        assert (record["prompt"], record["seed"], record["duration_sec"]) == ("doomed nan@3 step=0", 5, 5.0)
+        assert r["track_id"] not in {t["track_id"] for t in c.call("tracks")}  # tracks lists complete ones
+        # asking again retries: a new job, not the old failure
+        again = gen(c, "doomed nan@3 step=0", 5)
+        assert again["track_id"] == r["track_id"] and again["status"] in ("queued", "running")
+        assert c.call("track", {"track_id": r["track_id"]})["status"] in ("queued", "running", "failed")
+        assert expect_error(c, r["track_id"]).code == "MODEL_INFERENCE_FAILED"
+        assert c.call("track", {"track_id": r["track_id"]})["status"] == "failed"
+
+        # the last 100 failures are kept
+        failed = []
+        for batch in range(11):
+            jobs = [gen(c, f"failing {batch}.{k} nan@0 step=0", k) for k in range(10)]
+            for j in jobs:
+                expect_error(c, j["track_id"])
+            failed += [j["track_id"] for j in jobs]
+        assert [c.call("track", {"track_id": t})["status"] for t in failed[-100:]] == ["failed"] * 100
+        for gone in (r["track_id"], *failed[:-100]):
+            with pytest.raises(LofiError) as e:
+                c.call("track", {"track_id": gone})
+            assert e.value.code == "TRACK_NOT_FOUND"

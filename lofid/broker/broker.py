@@ -20,7 +20,7 @@ from lofid.broker.progress import PROGRESS_STEP, Progress
 from lofid.broker.queue import Job, JobQueue
 from lofid.broker.server import Connection
 from lofid.broker.supervisor import Supervisor
-from lofid.broker.tracks import TrackCache, check_track_id, now, track_id
+from lofid.broker.tracks import Failures, TrackCache, check_track_id, now, track_id
 from lofid.config import Settings
 from lofid.errors import LofiError
 from lofid.worker import assets
@@ -38,6 +38,7 @@ class Broker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.cache = TrackCache(settings.cache_dir)
+        self.failures = Failures()
         self.queue = JobQueue()
         self.supervisor = Supervisor(settings)
         self.subscribers: set[Connection] = set()
@@ -188,6 +189,8 @@ class Broker:
 
     def fail(self, job: Job, err: LofiError) -> None:
         log.warning("track %s failed: %s: %s", job.track_id, err.code, err.message)
+        self.failures.add({"track_id": job.track_id, "prompt": job.prompt, "seed": job.seed,
+                           "duration_sec": job.duration_sec, **self.sampling()}, err)
         self.fan_out(job, "generation_error", {**err.data, "track_id": job.track_id, "code": err.code,
                                                "message": err.message})
 
@@ -224,6 +227,7 @@ class Broker:
             allow = self._consent(loc, req["allow_download"])
             job = Job(tid, req["prompt"], req["duration_sec"], req["seed"], req["priority"], allow_download=allow)
             position = self.queue.push(job)
+            self.failures.discard(tid)  # asked again: it is retried
             self._kick()
             log.info("queued %s at position %d (%s)", tid, position, req["priority"])
         job.waiters.add(conn)
@@ -282,6 +286,9 @@ class Broker:
             return {"track_id": tid, "status": "running" if job is self.queue.running else "queued",
                     "prompt": job.prompt, "seed": job.seed, "duration_sec": job.duration_sec,
                     "position": self.queue.position(job)}
+        failed = self.failures.get(tid)
+        if failed is not None:
+            return failed
         raise LofiError(errors.TRACK_NOT_FOUND, f"no track {tid}")
 
     async def rpc_tracks(self, conn: Connection, params: list) -> list:

@@ -24,6 +24,7 @@ The folder may be the user's own (``--cache-dir ~/Music/lofi``): only names lofi
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -39,6 +40,7 @@ from lofid.errors import LofiError
 log = logging.getLogger(__name__)
 
 TRACK_ID_LEN = 16
+FAILURES_KEPT = 100
 _TRACK_ID = re.compile(rf"[0-9a-f]{{{TRACK_ID_LEN}}}")  # always with fullmatch
 _TRACK_FILE = re.compile(rf"([0-9a-f]{{{TRACK_ID_LEN}}})\.(wav|json)")
 # the temporary names of lofid.paths.create_temp (older lofid: without the random part)
@@ -191,6 +193,32 @@ class TrackCache:
 
     def total_bytes(self) -> int:
         return sum(e.size for e in self.entries())
+
+
+class Failures:
+    """The tracks that failed in this daemon's lifetime, the last ``FAILURES_KEPT``: their
+    record ``{track_id, status: "failed", error: {code, message}, ...}`` answers ``track``,
+    so a client that missed ``generation_error`` still learns why. Asking for the track
+    again (a new job) forgets it."""
+
+    def __init__(self, keep: int = FAILURES_KEPT) -> None:
+        self.keep = keep
+        self._records: collections.OrderedDict[str, dict] = collections.OrderedDict()
+
+    def add(self, record: dict, err: LofiError) -> None:
+        tid = record["track_id"]
+        self._records.pop(tid, None)
+        self._records[tid] = {**record, "status": "failed", "error": {"code": err.code, "message": err.message},
+                              "failed_at": now()}
+        while len(self._records) > self.keep:
+            self._records.popitem(last=False)
+
+    def get(self, tid: str) -> dict | None:
+        record = self._records.get(tid)
+        return dict(record) if record is not None else None
+
+    def discard(self, tid: str) -> None:
+        self._records.pop(tid, None)
 
 
 def is_temp_file(name: str, pid: int | None = None) -> bool:
