@@ -253,3 +253,21 @@ def test_a_failed_track_stays_answerable_and_asking_again_retries(daemon):
             with pytest.raises(LofiError) as e:
                 c.call("track", {"track_id": gone})
             assert e.value.code == "TRACK_NOT_FOUND"
+
+
+# ----------------------------------------------------- 7. a failed download leaves no "downloading"
+
+
+def test_a_generate_whose_download_failed_resets_the_model_state(make_daemon, short_tmp):
+    from fakehub import FakeHub, write_random_model
+
+    with FakeHub(write_random_model(short_tmp / "served", onnx_size=200_000)) as hub:
+        hub.drop_after("small_i8/decoder_model_merged.onnx", 50_000)
+        d = make_daemon(model_dir=None, env=hub.env(short_tmp / "hf"), allow_download=True, idle_exit_sec=2)
+        with d.client() as c:
+            r = gen(c, "needs the model step=0")
+            assert expect_error(c, r["track_id"]).code == "MODEL_DOWNLOAD_FAILED"
+            s = c.call("status")
+            assert s["model"]["state"] == "missing" and s["downloading"] is False, s
+        assert d.proc.wait(20) == 0  # idle_exit_sec fires: nothing is downloading any more
+    assert "idle for" in d.logs()

@@ -136,6 +136,7 @@ class Broker:
                     self.fail(other, e)
             elif e.code == errors.MODEL_NOT_FOUND:
                 await self.locate()
+            await self._settle_model()
             return
         finally:
             self.progress = None
@@ -144,6 +145,14 @@ class Broker:
         await self.enforce_cache_cap(keep=job.track_id)  # within the cap before anyone hears of it
         log.info("track %s complete in %.1f s", job.track_id, record.get("generation_time_sec", 0))
         self.fan_out(job, "generation_complete", record)
+
+    async def _settle_model(self) -> None:
+        """After a failed job: a download or a load it began is over (nothing keeps the daemon
+        busy, idle_exit_sec counts again), and the model's state is found again."""
+        self.downloading = False
+        if self.model["state"] in ("downloading", "loading"):
+            self.model["state"] = "missing"
+            await self.locate()
 
     async def _run_download(self, variant: str, force: bool) -> None:
         waiters, self.download_waiters = self.download_waiters, set()
