@@ -122,6 +122,8 @@ class Settings:
     max_frame_bytes: int = _setting(1 << 20, _int(1024, 1 << 30), "largest accepted msgpack-rpc frame", flag=False)
     frame_timeout_sec: float = _setting(10.0, _float(0.05, 3600.0), "a started frame must finish within this",
                                         flag=False)
+    idle_close_sec: float = _setting(30.0, _float(0.1, 1e6), "near the connection limit, close connections "
+                                     "without a request for this long", flag=False)
     engine: str = _setting("lofid.worker.musicgen:MusicGen", _str, "engine class (module:Class)", flag=False)
 
     def to_dict(self) -> dict[str, Any]:

@@ -69,7 +69,8 @@ def socket_path_of(sock: socket.socket, configured: Path) -> Path:
 async def serve(settings: config.Settings, sock: socket.socket | None = None, socket_path: Path | None = None) -> int:
     loop = asyncio.get_running_loop()
     broker = Broker(settings)
-    server = Server(broker, socket_path or settings.socket, settings.max_frame_bytes, settings.frame_timeout_sec)
+    server = Server(broker, socket_path or settings.socket, settings.max_frame_bytes, settings.frame_timeout_sec,
+                    settings.idle_close_sec)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, sig, broker)
     await broker.start()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FIXTURE_MODEL, SCRIPTED_ENGINE, _pythonpath, make_fake_model, shutdown_daemon_at
+from hog import Hog
 
 from lofid.errors import LofiError
 
@@ -271,3 +272,39 @@ def test_a_generate_whose_download_failed_resets_the_model_state(make_daemon, sh
             assert s["model"]["state"] == "missing" and s["downloading"] is False, s
         assert d.proc.wait(20) == 0  # idle_exit_sec fires: nothing is downloading any more
     assert "idle for" in d.logs()
+
+
+# ------------------------------------------------------------------------ 8. connection limits
+
+
+def test_300_idle_connections_of_one_process_do_not_lock_out_a_new_client(daemon):
+    hog = Hog(daemon.socket, 300)
+    try:
+        with daemon.client(timeout=10) as c:
+            assert c.call("status")["pid"] == daemon.proc.pid
+            assert done(c, "served step=0")["status"] == "complete"
+        assert hog.open_count() == 64  # one process holds at most 64; each newer one closed its oldest
+    finally:
+        hog.close()
+    assert "holds 64 connections; closing its least recently used one" in daemon.logs()
+
+
+def test_idle_connections_of_many_processes_make_room_busy_ones_do_not(make_daemon):
+    """Five processes x 60 connections, each with one request: at most 256 stay; while they are
+    fresh a newcomer is refused; once they have been idle for idle_close_sec it is served,
+    and a connection waiting for its track is never closed as idle."""
+    d = make_daemon(env={"LOFID_IDLE_CLOSE_SEC": "2"})
+    with d.client(timeout=60) as waiting:
+        slow = gen(waiting, "a long wait step=0.02", 3)  # ~5 s; its client sends nothing meanwhile
+        hogs = [Hog(d.socket, 60, request=True) for _ in range(5)]
+        try:
+            assert sum(h.open_count() for h in hogs) + 1 <= 256
+            time.sleep(2.5)  # every hog connection is idle now; the waiting client is not
+            with d.client(timeout=10) as c:
+                assert c.call("status")["pid"] == d.proc.pid
+            assert waiting.wait_track(slow["track_id"])["status"] == "complete"
+            assert sum(h.open_count() for h in hogs) < 256
+        finally:
+            for h in hogs:
+                h.close()
+    assert "no request for" in d.logs()

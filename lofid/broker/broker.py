@@ -203,6 +203,11 @@ class Broker:
         self.fan_out(job, "generation_error", {**err.data, "track_id": job.track_id, "code": err.code,
                                                "message": err.message})
 
+    def expects(self, conn: Connection) -> bool:
+        """Whether notifications are still due to ``conn``: a subscriber, a download's or a job's waiter."""
+        return (conn in self.subscribers or conn in self.download_waiters
+                or any(job is not None and conn in job.waiters for job in [self.queue.running, *self.queue.pending()]))
+
     def closed(self, conn: Connection) -> None:
         self.subscribers.discard(conn)
         self.download_waiters.discard(conn)

@@ -24,12 +24,23 @@ class Client:
         self.path = str(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
-        self.sock.connect(self.path)
+        self._connect(timeout)
         self.timeout = timeout
         self.decoder = rpc.Decoder(64 << 20)
         self.notifications: collections.deque[tuple[str, dict]] = collections.deque()
         self._responses: dict[int, rpc.Response] = {}
         self._ids = itertools.count(1)
+
+    def _connect(self, timeout: float | None) -> None:
+        deadline = time.monotonic() + (timeout if timeout is not None else 30.0)
+        while True:
+            try:
+                self.sock.connect(self.path)
+                return
+            except BlockingIOError:  # a Unix socket's listen backlog is full for a moment: wait
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def close(self) -> None:
         self.sock.close()
