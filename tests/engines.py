@@ -11,6 +11,8 @@ Directives in the prompt (anything else is plain text):
                  write really fails with EFBIG (-> STORAGE_FAILED); undone by the next job
   wslow=SECONDS  the WAV write's fsync waits SECONDS first (once): a window in which the
                  temporary file exists and the final name does not, to kill the worker in
+Environment: LOFID_TEST_LOAD_SLEEP=SECONDS makes each load take that long, LOFID_TEST_LOAD_ALLOC=MB
+makes it allocate (and touch) MB megabytes.
 It loads through the same worker code path as the real engine (files located by
 lofid.worker.assets first), and returns deterministic audio from the seed.
 """
@@ -44,6 +46,9 @@ class ScriptedEngine:
     def load(cls, root: Path, variant: str, *, device: str = "auto", threads: int | None = None) -> ScriptedEngine:
         if os.environ.get("LOFID_TEST_LOAD_SLEEP"):
             time.sleep(float(os.environ["LOFID_TEST_LOAD_SLEEP"]))
+        if os.environ.get("LOFID_TEST_LOAD_ALLOC"):  # MB, really allocated: under worker_memory_mb a MemoryError
+            block = np.ones(int(float(os.environ["LOFID_TEST_LOAD_ALLOC"]) * 2**20), dtype=np.uint8)
+            del block
         if device not in ("auto", "cpu"):
             raise LofiError(errors.MODEL_LOAD_FAILED, f"device {device!r} is not available in the scripted engine")
         return cls(root, variant, threads or 1)

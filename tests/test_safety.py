@@ -7,6 +7,7 @@ scripted engine (tests/engines.py) on a temporary socket."""
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -308,3 +309,36 @@ def test_idle_connections_of_many_processes_make_room_busy_ones_do_not(make_daem
             for h in hogs:
                 h.close()
     assert "no request for" in d.logs()
+
+
+# ------------------------------------------------------------------- 9. out of memory at load
+
+
+def test_out_of_memory_while_loading_is_model_load_failed_with_what_fits(make_daemon):
+    """A real allocation failure at load (a 4 GiB numpy array under a 1200 MiB address-space
+    limit) is MODEL_LOAD_FAILED naming the variant's need and the smaller variant that fits."""
+    d = make_daemon(variant="int8", worker_memory_mb=1200, env={"LOFID_TEST_LOAD_ALLOC": "4096"})
+    with d.client() as c:
+        r = gen(c, "too big step=0")
+        err = expect_error(c, r["track_id"])
+        assert err.code == "MODEL_LOAD_FAILED", err
+        assert "out of memory while loading the int8 model: it needs about 1.3 GB" in err.message
+        assert "1.2 GB is available (worker_memory_mb)" in err.message
+        assert 'the int4 variant needs about 1.1 GB and would fit: set variant = "int4"' in err.message
+        assert c.call("track", {"track_id": r["track_id"]})["error"]["code"] == "MODEL_LOAD_FAILED"
+        assert c.call("status")["model"]["state"] == "present"  # not "loading" any more
+
+
+def test_a_worker_killed_while_loading_is_model_load_failed(make_daemon):
+    """SIGKILL (what the kernel's OOM killer sends) while the model loads."""
+    d = make_daemon(variant="fp32", env={"LOFID_TEST_LOAD_SLEEP": "3"})
+    with d.client() as c:
+        r = gen(c, "killed at load step=0")
+        worker = wait_for(lambda: (s := c.call("status"))["model"]["state"] == "loading" and s["worker"]["pid"],
+                          what="the model load")
+        os.kill(worker, signal.SIGKILL)
+        err = expect_error(c, r["track_id"])
+        assert err.code == "MODEL_LOAD_FAILED", err
+        assert "signal 9 (SIGKILL)" in err.message and "while loading the fp32 model" in err.message
+        assert "it needs about 3.3 GB" in err.message and "variant" in err.message.split("needs about 3.3 GB")[1]
+        assert done(c, "after it step=0", 2)["status"] == "complete"  # a new worker loads it

@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 from typing import Any
 
 import lofid
-from lofid import errors
+from lofid import errors, memory
 from lofid.broker import systemd
 from lofid.broker.params import one_map, parse_generate
 from lofid.broker.progress import PROGRESS_STEP, Progress
@@ -130,6 +131,7 @@ class Broker:
                       "duration_sec": job.duration_sec, **self.sampling(), "created_at": now(), **result}
             record = await asyncio.to_thread(self.cache.put, record)
         except LofiError as e:
+            e = self._load_failure(e)
             self.fail(job, e)
             if e.code == errors.MODEL_DOWNLOAD_FAILED:  # every job waiting for that model fails with it
                 for other in self.queue.drain():
@@ -145,6 +147,19 @@ class Broker:
         await self.enforce_cache_cap(keep=job.track_id)  # within the cap before anyone hears of it
         log.info("track %s complete in %.1f s", job.track_id, record.get("generation_time_sec", 0))
         self.fan_out(job, "generation_complete", record)
+
+    def _load_failure(self, e: LofiError) -> LofiError:
+        """A worker that died while it loaded the model failed the load (MODEL_LOAD_FAILED), not
+        an inference; killed by SIGKILL it most likely ran out of memory: say what would fit."""
+        died = e.code == errors.MODEL_INFERENCE_FAILED and e.data.get("exitcode") is not None
+        if not died or self.model["state"] != "loading":
+            return e
+        s = self.settings
+        if e.data["exitcode"] == -signal.SIGKILL:
+            message = memory.out_of_memory_at_load(s.variant, s.device, s.worker_memory_mb, why=e.message)
+        else:
+            message = f"{e.message} while loading the {s.variant} model"
+        return LofiError(errors.MODEL_LOAD_FAILED, message, **e.data)
 
     async def _settle_model(self) -> None:
         """After a failed job: a download or a load it began is over (nothing keeps the daemon
