@@ -95,8 +95,8 @@ def _opt(conv):
     return wrapped
 
 
-def _setting(default: Any, conv, help: str, *, flag: bool = True):
-    return field(default=default, metadata={"conv": conv, "help": help, "flag": flag})
+def _setting(default: Any, conv, help: str, *, flag: bool = True, in_file: bool = True):
+    return field(default=default, metadata={"conv": conv, "help": help, "flag": flag, "in_file": in_file})
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,10 @@ class Settings:
                                         flag=False)
     idle_close_sec: float = _setting(30.0, _float(0.1, 1e6), "near the connection limit, close connections "
                                      "without a request for this long", flag=False)
-    engine: str = _setting("lofid.worker.musicgen:MusicGen", _str, "engine class (module:Class)", flag=False)
+    # for tests only (a scripted engine): from the environment, never from config.toml or a flag,
+    # since it names a module to import
+    engine: str = _setting("lofid.worker.musicgen:MusicGen", _str, "engine class (module:Class), tests only: "
+                           "LOFID_ENGINE", flag=False, in_file=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
@@ -199,6 +202,9 @@ def load_with_sources(flags: Mapping[str, Any] | None = None,
         for key, value in data.items():
             if key == "config":
                 raise ConfigError(f"{config_path}: 'config' cannot be set inside the config file")
+            if key in FIELDS and not FIELDS[key].metadata["in_file"]:
+                raise ConfigError(f"{config_path}: {key!r} cannot be set in the config file; it is for tests "
+                                  f"only ({env_name(key)})")
             values[key] = _convert(key, value, str(config_path))
             sources[key] = str(config_path)
     elif explicit:

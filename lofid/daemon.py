@@ -94,13 +94,13 @@ def _on_signal(sig: int, broker: Broker) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.umask(0o077)  # what lofid writes (tracks, prompts, caches, model files) is the user's alone
     args = build_parser().parse_args(argv)
     try:
         settings = config.load(config.flags_from(args))
     except config.ConfigError as e:
         print(f"lofid: invalid configuration: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    os.umask(0o077)  # what lofid writes (tracks, prompts, caches, model files) is the user's alone
     setup_logging(settings.log_level)
     try:
         sock = inherited_socket()

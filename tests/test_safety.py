@@ -342,3 +342,22 @@ def test_a_worker_killed_while_loading_is_model_load_failed(make_daemon):
         assert "signal 9 (SIGKILL)" in err.message and "while loading the fp32 model" in err.message
         assert "it needs about 3.3 GB" in err.message and "variant" in err.message.split("needs about 3.3 GB")[1]
         assert done(c, "after it step=0", 2)["status"] == "complete"  # a new worker loads it
+
+
+# ---------------------------------------------------------------------------- 10. smaller
+
+
+def test_the_unknown_keys_error_does_not_echo_the_request(daemon):
+    from rawclient import Raw
+
+    raw = Raw(daemon.socket)
+    keys = {f"key{i:06d}" + "x" * 200: i for i in range(4000)}  # ~0.85 MB, under the 1 MiB frame limit
+    raw.send_obj([0, 1, "generate", [{"prompt": "lofi", **keys}]])
+    reply = raw.response(1)
+    err = reply[2]
+    assert err["code"] == "INVALID_PARAMS" and err["message"].startswith("unknown key(s): key000000xxx")
+    assert err["message"].endswith("and 3995 more") and len(err["message"]) < 400, len(err["message"])
+    with daemon.client() as c:
+        with pytest.raises(LofiError) as e:
+            c.call("status", {"durations": 1, 5: 2})
+        assert e.value.message == "unknown key(s): 5, durations"
