@@ -30,7 +30,7 @@ class ConfigError(Exception):
 def _path(v: Any) -> Path:
     if not isinstance(v, (str, os.PathLike)) or not str(v):
         raise ValueError("expected a path")
-    return Path(os.path.expanduser(str(v)))
+    return Path(os.path.abspath(os.path.expanduser(str(v))))  # the daemon and its clients may run elsewhere
 
 
 def _bool(v: Any) -> bool:

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if sock is None:
             socket_path = settings.socket
-            paths.private_dir(socket_path.parent)
+            paths.socket_dir(socket_path.parent)
         else:  # systemd made the directory and the socket; they are not ours to change
             socket_path = socket_path_of(sock, settings.socket)
         lock_fd = paths.acquire_lock(socket_path)

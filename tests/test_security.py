@@ -180,7 +180,7 @@ def _fake_player(tmp_path: Path) -> Path:
 
 def test_the_player_is_spawned_without_a_shell(short_tmp, tmp_path):
     """Shell metacharacters in the prompt and in the cache dir path reach the player as one
-    argument; nothing is executed."""
+    argument, after "--"; nothing is executed."""
     evil = short_tmp / "tr $(touch PWNED1); `touch PWNED2` | touch PWNED3 & 'x' \"y\""
     env = {**os.environ, "PYTHONPATH": _pythonpath(), "LOFID_ENGINE": SCRIPTED_ENGINE,
            "LOFID_SOCKET": str(short_tmp / "run" / "lofid.sock"), "LOFID_CACHE_DIR": str(evil),
@@ -196,9 +196,9 @@ def test_the_player_is_spawned_without_a_shell(short_tmp, tmp_path):
         assert r.returncode == 0, r.stderr
         argv = json.loads((tmp_path / "player-argv.json").read_text())
         (tmp_path / "player-argv.json").unlink()
-        assert len(argv) == 1 and Path(argv[0]).parent == evil and argv[0].endswith(".wav")
-        assert Path(argv[0]).is_file()
-        tid = Path(argv[0]).stem
+        assert len(argv) == 2 and argv[0] == "--" and Path(argv[1]).parent == evil and argv[1].endswith(".wav")
+        assert Path(argv[1]).is_file()
+        tid = Path(argv[1]).stem
         r = subprocess.run([sys.executable, "-m", "lofictl", "--no-start", "play", tid], env=env,
                            capture_output=True, text=True, timeout=60, cwd=short_tmp)
         assert r.returncode == 0, r.stderr

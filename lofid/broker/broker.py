@@ -298,6 +298,7 @@ class Broker:
             "queue": [{"track_id": j.track_id, "position": self.queue.position(j), "priority": j.priority,
                        "prompt": j.prompt} for j in self.queue.pending()],
             "downloading": self.downloading or self.download_variant is not None,
+            "cache_dir": str(self.settings.cache_dir),  # clients play only WAVs in here
         }
         if running is not None:
             result["running"] = {"track_id": running.track_id,

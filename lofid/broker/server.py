@@ -123,7 +123,7 @@ class Server:
 
     def _bind(self) -> socket.socket:
         path = self.socket_path
-        paths.private_dir(path.parent)
+        paths.socket_dir(path.parent)
         try:
             st = os.lstat(path)
         except FileNotFoundError:

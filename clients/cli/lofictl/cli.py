@@ -13,17 +13,17 @@ import time
 from pathlib import Path
 
 from lofictl import service
-from lofictl.client import Client, Disconnected
+from lofictl.client import Client, Disconnected, UntrustedDaemon
 from lofid import config, errors, paths
 from lofid.errors import LofiError
 
-PLAYERS = (
-    ("pw-play", []),
-    ("paplay", []),
-    ("aplay", ["-q"]),
+PLAYERS = (  # name, options; "--" ends the options of those that take it, before the file
+    ("pw-play", ["--"]),
+    ("paplay", ["--"]),
+    ("aplay", ["-q", "--"]),
     ("afplay", []),
-    ("ffplay", ["-nodisp", "-autoexit", "-loglevel", "quiet"]),
-    ("mpv", ["--no-video", "--really-quiet"]),
+    ("ffplay", ["-nodisp", "-autoexit", "-loglevel", "quiet", "--"]),
+    ("mpv", ["--no-video", "--really-quiet", "--"]),
 )
 START_TIMEOUT_SEC = 20.0
 
@@ -143,7 +143,7 @@ def cmd_generate(args, settings) -> int:
             r = c.call("generate", {**req, "allow_download": True})
         if args.no_wait or r["status"] == "complete":
             if r["status"] == "complete" and args.play:
-                play(Path(r["path"]))
+                play(c.track_path(r["path"]))
             emit(args, r, r.get("path") or r["track_id"])
             return 0
         bar = Bar(args.json)
@@ -175,8 +175,9 @@ def cmd_generate(args, settings) -> int:
             raise CliError(errors.MODEL_INFERENCE_FAILED, "the daemon went away during the generation") from None
         finally:
             bar.done()
-    if args.play:
-        play(Path(p["path"]))
+        wav = c.track_path(p["path"]) if args.play else None
+    if wav is not None:
+        play(wav)
     emit(args, p, p["path"])
     return 0
 
@@ -426,9 +427,10 @@ def play(path: Path) -> None:
 def cmd_play(args, settings) -> int:
     with connect(args, settings) as c:
         record = c.call("track", {"track_id": args.track})
-    if record.get("status") != "complete":
-        raise CliError("TRACK_NOT_READY", f"track {args.track} is {record.get('status')}")
-    play(Path(record["path"]))
+        if record.get("status") != "complete":
+            raise CliError("TRACK_NOT_READY", f"track {args.track} is {record.get('status')}")
+        wav = c.track_path(record.get("path"))
+    play(wav)
     return 0
 
 
@@ -547,6 +549,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lofictl: {e.code}: {e.message}", file=sys.stderr)
     except CliError as e:
         print(f"lofictl: {e.code}: {e.message}", file=sys.stderr)
+    except UntrustedDaemon as e:
+        print(f"lofictl: UNTRUSTED_DAEMON: {e}", file=sys.stderr)
     except (TimeoutError, Disconnected) as e:
         print(f"lofictl: DAEMON_UNAVAILABLE: {e}", file=sys.stderr)
     except KeyboardInterrupt:
