@@ -26,6 +26,7 @@ class FakeDaemon:
 
     def __init__(self, sock: Path, path: str, cache_dir: str | None = None, uid: int | None = None) -> None:
         sock.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(sock.parent, 0o700)  # as lofid makes it
         if uid is not None:
             os.chown(sock.parent, uid, uid)
         r, w = os.pipe()
@@ -160,3 +161,72 @@ def test_the_plugin_writes_the_daemon_log_privately_whatever_the_umask(short_tmp
     assert stat.S_IMODE(os.stat(log).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(log.parent).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(track).st_mode) == 0o600  # the daemon it started: umask 000 too
+
+
+# -------------------------------------------------------------- the plugin and a hostile daemon
+
+
+def player_log(tmp: Path, name: str) -> tuple[Path, Path]:
+    """A player script named ``name`` that appends its arguments, one run per line; -> (bin dir, log)."""
+    bindir, log = tmp / "bin", tmp / f"{name}.log"
+    bindir.mkdir(exist_ok=True)
+    script = bindir / name
+    script.write_text(f'#!/bin/sh\necho "$@" >> {log}\nsleep 5\n')
+    script.chmod(0o755)
+    return bindir, log
+
+
+@pytest.mark.parametrize("path", ["--script=/tmp/evil.lua", "evil.wav", "/tmp/evil.lua", "/tmp/a/../evil.wav",
+                                  "/tmp/x.wav\n--script=/tmp/evil.lua"])
+def test_the_plugin_plays_only_an_absolute_wav_path(short_tmp, start_nvim, path):  # noqa: F811
+    bindir, log = player_log(short_tmp, "mpv")
+    fake = FakeDaemon(short_tmp / "run" / "lofid.sock", path)
+    try:
+        nvim = start_nvim(env={"LOFID_SOCKET": str(short_tmp / "run" / "lofid.sock")}, path_prepend=bindir,
+                          setup={"players": ["mpv"]})
+        nvim.cmd("LofiPlay 0123456789abcdef")
+        msg = nvim.wait("return _G.lofi_test.texts('UNTRUSTED_DAEMON')[1]")
+        nvim.lua("require('lofi').generate('x', {play = true})")
+        nvim.wait("return #_G.lofi_test.texts('UNTRUSTED_DAEMON') == 2")
+    finally:
+        fake.stop()
+    assert "is not an absolute path to a .wav; refusing to play it" in msg, msg
+    assert not log.exists()  # the player never ran
+
+
+def test_the_plugin_passes_the_file_after_double_dash(short_tmp, start_nvim):  # noqa: F811
+    bindir, log = player_log(short_tmp, "mpv")
+    wav = "/tmp/cache/0123456789abcdef.wav"
+    fake = FakeDaemon(short_tmp / "run" / "lofid.sock", wav)
+    try:
+        nvim = start_nvim(env={"LOFID_SOCKET": str(short_tmp / "run" / "lofid.sock")}, path_prepend=bindir,
+                          setup={"players": ["mpv"]})
+        nvim.cmd("LofiPlay 0123456789abcdef")
+        nvim.wait("return vim.fn.filereadable(...) == 1", str(log))
+        nvim.cmd("LofiStop")
+    finally:
+        fake.stop()
+    assert log.read_text().split()[-2:] == ["--", wav]
+
+
+@pytest.mark.parametrize("how", ["another uid's socket", "a folder open to others"])
+def test_the_plugin_refuses_a_socket_it_cannot_trust(short_tmp, start_nvim, how):  # noqa: F811
+    sock = short_tmp / "planted" / "lofid.sock"
+    if how == "another uid's socket":
+        if os.geteuid() != 0:
+            pytest.skip("becoming another uid needs root")
+        os.chmod(short_tmp, 0o711)
+        fake = FakeDaemon(sock, "/tmp/x/0123456789abcdef.wav", uid=65534)
+        words = f"{sock} is a socket of uid 65534, not your lofid's socket"
+    else:
+        fake = FakeDaemon(sock, "/tmp/x/0123456789abcdef.wav")
+        os.chmod(sock.parent, 0o777)
+        words = f"its folder {sock.parent} is open to others (mode 0777)"
+    try:
+        nvim = start_nvim(env={"LOFID_SOCKET": str(sock)}, setup={"auto_start": True})
+        nvim.cmd("LofiStatus")
+        msg = nvim.wait("return _G.lofi_test.texts('UNTRUSTED_DAEMON')[1]")
+    finally:
+        fake.stop()
+    assert words in msg and "refusing to connect" in msg, msg
+    assert nvim.lua("return require('lofi.daemon').last_start") is None  # auto_start did not start a lofid

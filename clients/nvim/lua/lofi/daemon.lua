@@ -110,6 +110,9 @@ M.ensure = function(cb)
     if not err then
       return cb(nil, client)
     end
+    if err.code == errors.CODE.UNTRUSTED_DAEMON then
+      return cb(err) -- starting lofid would not help
+    end
     if not config().auto_start then
       err.hint = "start it with `lofid` (or setup({ auto_start = true }))"
       return cb(err)

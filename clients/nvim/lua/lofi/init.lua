@@ -451,7 +451,7 @@ M.play = function(track)
         play_path(record.path)
       end)
     end
-    local path = vim.fn.expand(track)
+    local path = vim.fn.fnamemodify(vim.fn.expand(track), ":p")
     if not uv.fs_stat(path) then
       return M.report(errors.new(errors.CODE.TRACK_NOT_FOUND, "no track or file " .. track))
     end

@@ -6,15 +6,32 @@ local errors = require("lofi.errors")
 
 local M = {}
 
--- name -> argv before the file; loop = the player loops by itself
+-- name -> argv before the file ("--" ends the options of those that take it); loop = the
+-- player loops by itself
 M.KNOWN = {
-  ["pw-play"] = { "pw-play" },
-  paplay = { "paplay" },
-  aplay = { "aplay", "-q" },
+  ["pw-play"] = { "pw-play", "--" },
+  paplay = { "paplay", "--" },
+  aplay = { "aplay", "-q", "--" },
   afplay = { "afplay" },
-  ffplay = { "ffplay", "-nodisp", "-loglevel", "quiet", "-loop", "0", loop = true },
-  mpv = { "mpv", "--no-video", "--really-quiet", "--loop-file=inf", loop = true },
+  ffplay = { "ffplay", "-nodisp", "-loglevel", "quiet", "-loop", "0", "--", loop = true },
+  mpv = { "mpv", "--no-video", "--really-quiet", "--loop-file=inf", "--", loop = true },
 }
+
+--- nil if `path` is a normalized absolute path to a .wav, else an UNTRUSTED_DAEMON error: a
+--- path from lofid is never anything a player could take for an option, a URL or a playlist.
+M.check_path = function(path)
+  local ok = type(path) == "string"
+    and path:sub(1, 1) == "/"
+    and path:lower():sub(-4) == ".wav"
+    and not path:find("[%z\n\r]")
+    and not path:find("/%.%.?/")
+    and not path:find("//", 1, true)
+  if ok then
+    return nil
+  end
+  return errors.new(errors.CODE.UNTRUSTED_DAEMON, string.format(
+    "%s is not an absolute path to a .wav; refusing to play it", vim.inspect(path):sub(1, 200)))
+end
 
 M.current = nil -- {path, argv, handle, pid, started, quick_exits}
 
@@ -81,6 +98,10 @@ end
 --- Loop `path` until stop(); replaces what plays. on_error(err) if the player fails.
 ---@return table|nil err
 M.play = function(path, players, on_error)
+  local bad = M.check_path(path)
+  if bad then
+    return bad
+  end
   M.stop()
   local argv = M.find(players)
   if not argv then
