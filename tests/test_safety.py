@@ -291,9 +291,9 @@ def test_300_idle_connections_of_one_process_do_not_lock_out_a_new_client(daemon
 
 
 def test_idle_connections_of_many_processes_make_room_busy_ones_do_not(make_daemon):
-    """Five processes x 60 connections, each with one request: at most 256 stay; while they are
-    fresh a newcomer is refused; once they have been idle for idle_close_sec it is served,
-    and a connection waiting for its track is never closed as idle."""
+    """Five processes x 60 connections, each with one request: at most 256 stay; once they have
+    been idle for idle_close_sec a newcomer is served, and a connection waiting for its track
+    is never closed as idle (test_fuzz's cap test: while they are fresh it is refused)."""
     d = make_daemon(env={"LOFID_IDLE_CLOSE_SEC": "2"})
     with d.client(timeout=60) as waiting:
         slow = gen(waiting, "a long wait step=0.02", 3)  # ~5 s; its client sends nothing meanwhile
