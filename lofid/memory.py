@@ -3,8 +3,7 @@ out of it (MODEL_LOAD_FAILED): the need, what is available, and a smaller varian
 
 from __future__ import annotations
 
-# The worker's peak resident memory for a 30 s track on the CPU, rounded up (bench/RESULTS.md,
-# runs 19 and 20; the first load of int4 ever, which rewrites the model, peaks at ~1.7 GB).
+# The worker's peak resident memory for a 30 s track on the CPU, rounded up from bench/RESULTS.md.
 NEEDED_MB = {"int4": 1100, "int8": 1300, "fp32": 3300, "fp16": 4500}
 CPU_ONLY = ("int4",)
 
