@@ -138,7 +138,10 @@ def test_lofid_refuses_a_socket_folder_below_one_others_control(short_tmp, how):
     sock = planted / "lofid" / "lofid.sock"
     d = Daemon(short_tmp, socket=sock, model_dir=make_fake_model(short_tmp / "model"))
     d.start(wait=False)
-    assert d.proc.wait(30) == 1
+    try:
+        assert d.proc.wait(30) == 1
+    finally:
+        d.stop()  # one that did start must not outlive the test
     assert f"{planted}, above {planted / 'lofid'}," in d.logs()
     assert not sock.exists()
 
