@@ -1,11 +1,9 @@
-"""How much memory each model variant needs, and what to tell the user when loading one ran
-out of it (MODEL_LOAD_FAILED): the need, what is available, and a smaller variant that fits."""
+"""What to tell the user when loading a model variant ran out of memory (MODEL_LOAD_FAILED):
+what it needs (``Variant.memory_mb``), what is available, and a smaller variant that fits."""
 
 from __future__ import annotations
 
-# The worker's peak resident memory for a 30 s track on the CPU, rounded up from bench/RESULTS.md.
-NEEDED_MB = {"int4": 1100, "int8": 1300, "fp32": 3300, "fp16": 4500}
-CPU_ONLY = ("int4",)
+from lofid import variants
 
 
 def available_mb(limit_mb: int | None = None) -> int | None:
@@ -31,7 +29,8 @@ def _gb(mb: int) -> str:
 
 def out_of_memory_at_load(variant: str, device: str = "cpu", limit_mb: int | None = None, why: str = "") -> str:
     """The MODEL_LOAD_FAILED message for ``variant`` running out of memory while it loads."""
-    need = NEEDED_MB.get(variant)
+    v = variants.VARIANTS.get(variant)
+    need = v.memory_mb if v is not None else None
     avail = available_mb(limit_mb)
     text = f"out of memory while loading the {variant} model{f' ({why})' if why else ''}"
     if need is None:
@@ -39,15 +38,16 @@ def out_of_memory_at_load(variant: str, device: str = "cpu", limit_mb: int | Non
     text += f": it needs about {_gb(need)} of memory"
     if avail is not None:
         text += f", about {_gb(avail)} is available" + (" (worker_memory_mb)" if avail == limit_mb else "")
-    candidates = [v for v in NEEDED_MB if device in ("cpu", "auto") or v not in CPU_ONLY]
-    smaller = sorted((v for v in candidates if NEEDED_MB[v] < need), key=NEEDED_MB.__getitem__, reverse=True)
-    fits = [v for v in smaller if avail is None or NEEDED_MB[v] <= avail]
+    candidates = [c for c in variants.VARIANTS.values()
+                  if c.memory_mb is not None and (device in ("cpu", "auto") or not c.cpu_only)]
+    smaller = sorted((c for c in candidates if c.memory_mb < need), key=lambda c: c.memory_mb, reverse=True)
+    fits = [c for c in smaller if avail is None or c.memory_mb <= avail]
     if fits:
-        v = fits[0]
-        return text + (f"; the {v} variant needs about {_gb(NEEDED_MB[v])} and would fit: "
-                       f'set variant = "{v}" in config.toml, or --variant {v}')
+        c = fits[0]
+        return text + (f"; the {c.name} variant needs about {_gb(c.memory_mb)} and would fit: "
+                       f'set variant = "{c.name}" in config.toml, or --variant {c.name}')
     if smaller:
-        v = smaller[-1]
-        return text + (f"; even the smallest variant, {v}, needs about {_gb(NEEDED_MB[v])}: "
+        c = smaller[-1]
+        return text + (f"; even the smallest variant, {c.name}, needs about {_gb(c.memory_mb)}: "
                        "free some memory (or raise worker_memory_mb)")
     return text + "; free some memory (or raise worker_memory_mb)"
