@@ -30,7 +30,7 @@ class ConfigError(Exception):
 def _path(v: Any) -> Path:
     if not isinstance(v, (str, os.PathLike)) or not str(v):
         raise ValueError("expected a path")
-    return Path(os.path.expanduser(str(v)))
+    return Path(os.path.abspath(os.path.expanduser(str(v))))  # the daemon and its clients may run elsewhere
 
 
 def _bool(v: Any) -> bool:
@@ -95,8 +95,8 @@ def _opt(conv):
     return wrapped
 
 
-def _setting(default: Any, conv, help: str, *, flag: bool = True):
-    return field(default=default, metadata={"conv": conv, "help": help, "flag": flag})
+def _setting(default: Any, conv, help: str, *, flag: bool = True, in_file: bool = True):
+    return field(default=default, metadata={"conv": conv, "help": help, "flag": flag, "in_file": in_file})
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,12 @@ class Settings:
     max_frame_bytes: int = _setting(1 << 20, _int(1024, 1 << 30), "largest accepted msgpack-rpc frame", flag=False)
     frame_timeout_sec: float = _setting(10.0, _float(0.05, 3600.0), "a started frame must finish within this",
                                         flag=False)
-    engine: str = _setting("lofid.worker.musicgen:MusicGen", _str, "engine class (module:Class)", flag=False)
+    idle_close_sec: float = _setting(30.0, _float(0.1, 1e6), "near the connection limit, close connections "
+                                     "without a request for this long", flag=False)
+    # for tests only (a scripted engine): from the environment, never from config.toml or a flag,
+    # since it names a module to import
+    engine: str = _setting("lofid.worker.musicgen:MusicGen", _str, "engine class (module:Class), tests only: "
+                           "LOFID_ENGINE", flag=False, in_file=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
@@ -185,6 +190,9 @@ def load_with_sources(flags: Mapping[str, Any] | None = None,
         for key, value in data.items():
             if key == "config":
                 raise ConfigError(f"{config_path}: 'config' cannot be set inside the config file")
+            if key in FIELDS and not FIELDS[key].metadata["in_file"]:
+                raise ConfigError(f"{config_path}: {key!r} cannot be set in the config file; it is for tests "
+                                  f"only ({env_name(key)})")
             values[key] = _convert(key, value, str(config_path))
             sources[key] = str(config_path)
     elif explicit:

@@ -70,7 +70,8 @@ async def serve(settings: config.Settings, sock: socket.socket | None = None, so
                 sources: dict[str, str] | None = None) -> int:
     loop = asyncio.get_running_loop()
     broker = Broker(settings, sources)
-    server = Server(broker, socket_path or settings.socket, settings.max_frame_bytes, settings.frame_timeout_sec)
+    server = Server(broker, socket_path or settings.socket, settings.max_frame_bytes, settings.frame_timeout_sec,
+                    settings.idle_close_sec)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, sig, broker)
     await broker.start()
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as e:
         print(f"lofid: invalid configuration: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    os.umask(0o077)  # what lofid writes (tracks, prompts, caches, model files) is the user's alone
     setup_logging(settings.log_level)
     try:
         sock = inherited_socket()
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if sock is None:
             socket_path = settings.socket
-            paths.private_dir(socket_path.parent)
+            paths.socket_dir(socket_path.parent)
         else:  # systemd made the directory and the socket; they are not ours to change
             socket_path = socket_path_of(sock, settings.socket)
         lock_fd = paths.acquire_lock(socket_path)

@@ -29,13 +29,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lofid import variants
+from lofid import paths, variants
 from lofid.errors import MODEL_LOAD_FAILED, MODEL_NOT_FOUND, LofiError
 from lofid.variants import REPO, REVISION
 
@@ -200,7 +199,8 @@ class HashCache:
         live = {k: v for k, v in self.entries.items() if os.path.exists(k)}  # forget deleted files
         data = {"version": 1, "files": live}
         try:
-            _atomic_write(self.file, json.dumps(data, indent=1, sort_keys=True).encode(), 0o600)
+            paths.write_atomic(paths.make_dirs(self.file.parent) / self.file.name,
+                               json.dumps(data, indent=1, sort_keys=True).encode())
         except OSError:
             pass  # a cache: losing it costs time, not correctness
 
@@ -257,26 +257,7 @@ def consent_given(state_dir: Path | str) -> bool:
 
 
 def give_consent(state_dir: Path | str) -> None:
-    """Remember the user's consent to download model files (atomic, mode 0600)."""
-    state_dir = Path(state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Remember the user's consent to download model files (atomic, private: ``paths.write_atomic``)."""
+    state_dir = paths.make_dirs(Path(state_dir))
     body = {"repo": REPO, "given_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _atomic_write(state_dir / CONSENT_FILE, (json.dumps(body) + "\n").encode(), 0o600)
-
-
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    paths.write_atomic(state_dir / CONSENT_FILE, (json.dumps(body) + "\n").encode())

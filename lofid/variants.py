@@ -3,7 +3,7 @@
 Per variant: the hub folder of each of the engine's three graphs (text encoder, decoder,
 EnCodec), the decoder's form, what lofid makes of the files on this machine (MatMuls on
 ``nbits``-bit blocks, an int8 self-attention cache), the label its ``model_version``
-carries, and its approximate download size. From the table: the files a variant needs
+carries, its approximate download size and the memory it needs. From the table: the files a variant needs
 from the hub, the file the engine opens for each role, and the default variant of a
 device. Files are named relative to the hub repository ``REPO`` (the layout of
 ``gabotechs/music_gen``: CONTRACT.md "Model files").
@@ -38,6 +38,9 @@ class Variant:
     nbits: int | None = None   # made here: the decoder's MatMuls on nbits-bit blocks (nbits.py)
     kv_int8: bool = False      # made here: an int8 self-attention cache (kvquant.py)
     upcast_encodec: bool = False   # made here: its fp16 EnCodec runs upcast to fp32 (upcast.py)
+    # the worker's peak resident memory for a 30 s track on the CPU, rounded up from
+    # bench/RESULTS.md: what an out-of-memory load says it needs (memory.py)
+    memory_mb: int | None = None
 
     @property
     def cpu_only(self) -> bool:
@@ -55,16 +58,16 @@ class Variant:
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
-    Variant("fp32", "small_fp32", "small_fp32", "small_fp32", "merged", 2_250_000_000),
+    Variant("fp32", "small_fp32", "small_fp32", "small_fp32", "merged", 2_250_000_000, memory_mb=3300),
     # the hub's small_fp16/ has no merged decoder
     Variant("fp16", "small_fp16", "small_fp16", "small_fp16", "split", 1_870_000_000,
-            upcast_encodec=True),
+            upcast_encodec=True, memory_mb=4500),
     # the fp32 text encoder and EnCodec, as MusicGPT's "small-quant" does
-    Variant("int8", "small_fp32", "small_i8", "small_fp32", "merged", 1_000_000_000),
+    Variant("int8", "small_fp32", "small_i8", "small_fp32", "merged", 1_000_000_000, memory_mb=1300),
     # the int8 files, made into 4-bit blocks with an int8 KV cache on the first load: the
     # speed-first variant
     Variant("int4", "small_fp32", "small_i8", "small_fp32", "merged", 1_000_000_000,
-            nbits=4, kv_int8=True),
+            nbits=4, kv_int8=True, memory_mb=1100),
 )}
 NAMES = tuple(VARIANTS)
 

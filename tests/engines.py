@@ -20,7 +20,8 @@ lofid.models first), and returns deterministic audio from the seed.
 Environment: LOFID_TEST_LOAD_SLEEP=SECONDS makes every load take that long;
 LOFID_TEST_PREPARE_SLEEP=SECONDS makes a variant's first load on this machine (a mark in
 LOFID_OPTIMIZED_DIR, where the real engine caches its rewritten graphs) a preparation
-(``needs_preparing``) that takes that long.
+(``needs_preparing``) that takes that long; LOFID_TEST_LOAD_ALLOC=MB makes every load
+allocate (and touch) MB megabytes.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ class ScriptedEngine:
             mark = cls._prepared_mark(variant)
             mark.parent.mkdir(parents=True, exist_ok=True)
             mark.write_text(str(root))
+        if os.environ.get("LOFID_TEST_LOAD_ALLOC"):  # MB, really allocated: under worker_memory_mb a MemoryError
+            block = np.ones(int(float(os.environ["LOFID_TEST_LOAD_ALLOC"]) * 2**20), dtype=np.uint8)
+            del block
         if device not in ("auto", "cpu"):
             raise LofiError(errors.MODEL_LOAD_FAILED, f"device {device!r} is not available in the scripted engine")
         return cls(root, variant, threads or 1)

@@ -66,6 +66,7 @@ def test_every_setting_has_a_file_key_an_env_var_and_a_flag(tmp_path):
     ("cache_max_mb = 0\n", "cache_max_mb", "expected an integer"),
     ("socket = 5\n", "socket", "expected a path"),
     ("[sampling]\ntop_k = 5\n", "sampling", "unknown setting"),
+    ("engine = 'os:system'\n", "engine", "for tests only (LOFID_ENGINE)"),  # it names a module to import
 ])
 def test_an_invalid_file_names_the_key_and_lofid_does_not_run(tmp_path, capsys, text, key, words):
     toml = write(tmp_path / "config.toml", text)

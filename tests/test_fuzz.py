@@ -15,6 +15,7 @@ import time
 
 import msgpack
 import pytest
+from hog import Hog
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from rawclient import Raw
@@ -202,7 +203,7 @@ def _check_generate(params):
     assert type(d) is float and math.isfinite(d) and DURATION_MIN <= d <= DURATION_MAX
     assert type(req["seed"]) is int and 0 <= req["seed"] <= SEED_MAX
     assert req["priority"] in ("normal", "high") and req["allow_download"] in (None, True, False)
-    tid = track_id(p, req["seed"], d, "local:0123/fp16")
+    tid = track_id(p, req["seed"], d, "local:0123/fp16", top_k=250, temperature=1.0, guidance_scale=3.0)
     assert re.fullmatch(r"[0-9a-f]{16}", tid)
     return req
 
@@ -251,7 +252,8 @@ def test_unicode_prompts(prompt):
     assert req["prompt"] == prompt and prompt.strip() and len(prompt) <= PROMPT_MAX
     # the same prompt always gives the same id, and it survives the msgpack round trip
     again = msgpack.unpackb(pack(prompt), raw=False)
-    assert track_id(again, 1, 5.0, "v") == track_id(prompt, 1, 5.0, "v")
+    sampling = {"top_k": 250, "temperature": 1.0, "guidance_scale": 3.0}
+    assert track_id(again, 1, 5.0, "v", **sampling) == track_id(prompt, 1, 5.0, "v", **sampling)
 
 
 @FAST
@@ -411,25 +413,20 @@ def test_slow_loris_trickle_is_cut_at_the_frame_deadline(make_daemon):
 
 
 def test_connection_cap_and_idle_clients(make_daemon):
-    """256 connections at most; those beyond are closed at once, and a slot frees when one leaves."""
+    """256 connections at most: five processes open 60 each and make a request on each; while
+    they are fresh (idle_close_sec: 30 s) those beyond 256 and a newcomer are closed at once,
+    and slots free when connections leave."""
     daemon = make_daemon()
-    conns = []
+    hogs = [Hog(daemon.socket, 60, request=True) for _ in range(5)]
     try:
-        for _ in range(256):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.connect(str(daemon.socket))
-            conns.append(s)
-        s = conns[-1]
-        s.sendall(pack([0, 1, "status", []]))
-        s.settimeout(10)
-        assert msgpack.unpackb(s.recv(65536), raw=False)[2] is None
+        assert sum(h.open_count() for h in hogs) == 256
         extra = Raw(daemon.socket)
         extra.send_obj([0, 1, "status", []])  # it may be closed even before this goes out
         assert extra.closed(timeout=5)
-        conns.pop(0).close()
+        hogs.pop().close()
         time.sleep(0.2)
         with daemon.client(timeout=10) as c:
             assert c.call("status")["pid"] == daemon.proc.pid
     finally:
-        for s in conns:
-            s.close()
+        for h in hogs:
+            h.close()

@@ -91,7 +91,7 @@ def test_play_uses_the_first_player_without_a_shell(env, short_tmp):
     track = json.loads(r.stdout)
     r = lofictl(env, "play", track["track_id"])
     assert r.returncode == 0, r.stderr
-    assert log.read_text().split() == ["aplay", "-q", track["path"]]
+    assert log.read_text().split() == ["aplay", "-q", "--", track["path"]]
 
 
 def test_models_list(env):

@@ -69,7 +69,7 @@ def test_generate_play_streams_to_a_player_reading_stdin(env, short_tmp):  # noq
     # a cache hit sends no chunks: the file is played
     r = lofictl(env, "--json", "generate", "streamed step=0.005", "--duration", "6", "--seed", "1", "--play")
     assert r.returncode == 0 and json.loads(r.stdout)["cached"] is True, r.stderr
-    assert runs(records)[-1] == ["aplay", "-q", record["path"]]
+    assert runs(records)[-1] == ["aplay", "-q", "--", record["path"]]
 
 
 def test_a_player_that_cannot_read_stdin_plays_the_file_when_complete(env, short_tmp):  # noqa: F811

@@ -101,8 +101,8 @@ def test_worker_sigkill_storm(make_daemon):
             time.sleep(rnd.uniform(0, 0.2))
             os.kill(pid_b, signal.SIGKILL)
             kills["loading"] += 1
-            err = expect_error(c, b["track_id"])
-            assert "signal 9" in err.message
+            err = expect_error(c, b["track_id"], code="MODEL_LOAD_FAILED")  # likely out of memory: what fits
+            assert "signal 9" in err.message and "while loading the" in err.message
             assert final_files(daemon.cache_dir, b["track_id"]) == []
 
             # everything queued behind them completes, on a third worker
@@ -185,7 +185,7 @@ def test_full_or_read_only_cache_is_storage_failed(make_daemon, short_tmp, kind)
     cache = short_tmp / "tracks"
     cache.mkdir()
     daemon = make_daemon(start=False, cache_dir=cache)
-    setup = (f"mount -t tmpfs -o size=64k tmpfs '{cache}'" if kind == "disk full"
+    setup = (f"mount -t tmpfs -o size=64k,mode=0700 tmpfs '{cache}'" if kind == "disk full"
              else f"mount --bind '{cache}' '{cache}'; mount -o remount,ro,bind '{cache}'")
     seen = _start_in_mount_ns(daemon, setup)
     with daemon.client() as c:
@@ -193,9 +193,7 @@ def test_full_or_read_only_cache_is_storage_failed(make_daemon, short_tmp, kind)
         err = expect_error(c, r["track_id"], "STORAGE_FAILED")
         assert ("No space left" if kind == "disk full" else "Read-only") in err.message
         assert os.listdir(seen) == []  # neither a final file nor a temporary one
-        with pytest.raises(LofiError) as e:
-            c.call("track", {"track_id": r["track_id"]})
-        assert e.value.code == "TRACK_NOT_FOUND"
+        assert c.call("track", {"track_id": r["track_id"]})["error"]["code"] == "STORAGE_FAILED"  # failed, not complete
         assert c.call("status")["pid"] == daemon.proc.pid
     assert os.listdir(cache) == []  # the namespace's mount never leaked into ours
 

@@ -180,7 +180,7 @@ def _fake_player(tmp_path: Path) -> Path:
 
 def test_the_player_is_spawned_without_a_shell(short_tmp, tmp_path):
     """Shell metacharacters in the prompt and in the cache dir path reach the player as one
-    argument; nothing is executed."""
+    argument, after "--"; nothing is executed."""
     evil = short_tmp / "tr $(touch PWNED1); `touch PWNED2` | touch PWNED3 & 'x' \"y\""
     env = {**os.environ, "PYTHONPATH": _pythonpath(), "LOFID_ENGINE": SCRIPTED_ENGINE,
            "LOFID_SOCKET": str(short_tmp / "run" / "lofid.sock"), "LOFID_CACHE_DIR": str(evil),
@@ -198,12 +198,12 @@ def test_the_player_is_spawned_without_a_shell(short_tmp, tmp_path):
         assert Path(path).parent == evil and path.endswith(".wav") and Path(path).is_file()
         argv = json.loads((tmp_path / "player-argv.json").read_text())
         (tmp_path / "player-argv.json").unlink()
-        # played from the stream (PCM on stdin: no path in its argv), or the file by its path
-        assert argv in (["--format", "s16", "--rate", "32000", "--channels", "1", "-"], [path])
+        # played from the stream (PCM on stdin: no path in its argv), or the file by its path, after "--"
+        assert argv in (["--format", "s16", "--rate", "32000", "--channels", "1", "-"], ["--", path])
         r = subprocess.run([sys.executable, "-m", "lofictl", "--no-start", "play", Path(path).stem], env=env,
                            capture_output=True, text=True, timeout=60, cwd=short_tmp)
         assert r.returncode == 0, r.stderr
-        assert json.loads((tmp_path / "player-argv.json").read_text()) == [path]
+        assert json.loads((tmp_path / "player-argv.json").read_text()) == ["--", path]
     finally:
         shutdown_daemon_at(short_tmp / "run" / "lofid.sock")
     for where in (short_tmp, evil, tmp_path, Path.cwd(), Path("/")):

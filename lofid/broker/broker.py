@@ -9,18 +9,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
+import weakref
 from typing import Any
 
 import lofid
-from lofid import errors, models, rpc, variants
+from lofid import errors, memory, models, rpc, variants
 from lofid.broker import systemd
 from lofid.broker.params import one_map, parse_generate
 from lofid.broker.progress import PROGRESS_STEP, Progress
 from lofid.broker.queue import Job, JobQueue
 from lofid.broker.server import Connection
 from lofid.broker.supervisor import Supervisor
-from lofid.broker.tracks import TrackCache, check_track_id, now, track_id
+from lofid.broker.tracks import Failures, TrackCache, check_track_id, now, track_id
 from lofid.config import Settings
 from lofid.errors import LofiError
 
@@ -35,9 +37,11 @@ class Broker:
         self.settings = settings
         self.sources = sources or {}  # per setting, where its value came from (config.load_with_sources)
         self.cache = TrackCache(settings.cache_dir)
+        self.failures = Failures()  # the last tracks that failed: `track` answers them
         self.queue = JobQueue()
         self.supervisor = Supervisor(settings)
         self.subscribers: set[Connection] = set()
+        self.ended_streams: weakref.WeakSet = weakref.WeakSet()  # held by their pumps until they are done
         self.started = time.monotonic()
         self.model: dict[str, Any] = {"state": "locating", "variant": settings.variant, "model_version": None,
                                       "device": None, "provider": None}
@@ -81,8 +85,10 @@ class Broker:
         self.model.update(fields)
 
     async def settle_model_state(self) -> None:
-        """After a worker call failed or a download ended: a state the worker left midway
-        (downloading, preparing, loading) becomes what the files on disk say."""
+        """After a worker call failed or a download ended: nothing downloads any more (the
+        worker does one thing at a time; idle_exit_sec counts again), and a state the worker
+        left midway (downloading, preparing, loading) becomes what the files on disk say."""
+        self.downloading = False
         if self.model["state"] in ("downloading", "preparing", "loading"):
             self.set_model(state="locating")
             await self.locate()
@@ -138,9 +144,10 @@ class Broker:
             result = await self.supervisor.call({"op": "generate", "job": job.to_worker()},
                                                 lambda ev: self.on_worker_event(ev, job), writes=job.wav_path)
             record = {"track_id": job.track_id, "prompt": job.prompt, "seed": job.seed,
-                      "duration_sec": job.duration_sec, "created_at": now(), **result}
+                      "duration_sec": job.duration_sec, **self.sampling(), "created_at": now(), **result}
             record = await asyncio.to_thread(self.cache.put, record)
         except LofiError as e:
+            e = self._load_failure(e)
             self.fail(job, e)
             await self.settle_model_state()
             if e.code == errors.MODEL_DOWNLOAD_FAILED:  # every job waiting for that model fails with it
@@ -157,6 +164,19 @@ class Broker:
         log.info("track %s complete in %.1f s", job.track_id, record.get("generation_time_sec", 0))
         self.fan_out(job, "generation_complete", record, final=True)
 
+    def _load_failure(self, e: LofiError) -> LofiError:
+        """A worker that died while it loaded the model failed the load (MODEL_LOAD_FAILED), not
+        an inference; killed by SIGKILL it most likely ran out of memory: say what would fit."""
+        died = e.code == errors.MODEL_INFERENCE_FAILED and e.data.get("exitcode") is not None
+        if not died or self.model["state"] not in ("preparing", "loading"):
+            return e
+        s = self.settings
+        if e.data["exitcode"] == -signal.SIGKILL:
+            message = memory.out_of_memory_at_load(s.variant, s.device, s.worker_memory_mb, why=e.message)
+        else:
+            message = f"{e.message} while loading the {s.variant} model"
+        return LofiError(errors.MODEL_LOAD_FAILED, message, **e.data)
+
     async def _run_download(self, variant: str, force: bool) -> None:
         waiters, self.download_waiters = self.download_waiters, set()
         self.downloading = True
@@ -171,7 +191,6 @@ class Broker:
             await self.locate()  # before telling anyone: the next generate must hash with the new version
             self._broadcast(waiters, "download_complete", {"repo": variants.REPO, **result})
         finally:
-            self.downloading = False
             await self.settle_model_state()
             if self.location is None or self.location.missing:
                 await self.locate()
@@ -219,11 +238,23 @@ class Broker:
             else:
                 conn.send(frame)
         job.stream.end(streaming)
+        if streaming:
+            self.ended_streams.add(job.stream)
 
     def fail(self, job: Job, err: LofiError) -> None:
         log.warning("track %s failed: %s: %s", job.track_id, err.code, err.message)
+        self.failures.add({"track_id": job.track_id, "prompt": job.prompt, "seed": job.seed,
+                           "duration_sec": job.duration_sec, **self.sampling()}, err)
         self.fan_out(job, "generation_error", {**err.data, "track_id": job.track_id, "code": err.code,
                                                "message": err.message}, final=True)
+
+    def expects(self, conn: Connection) -> bool:
+        """Whether notifications are still due to ``conn``: a subscriber, a download's or a
+        job's waiter (a streaming connection is one), or the reader of an ended track's audio
+        that its pump is still sending."""
+        jobs = [job for job in [self.queue.running, *self.queue.pending()] if job is not None]
+        return (conn in self.subscribers or conn in self.download_waiters or any(conn in job.waiters for job in jobs)
+                or any(stream.streaming(conn) for stream in self.ended_streams))
 
     def closed(self, conn: Connection) -> None:
         self.subscribers.discard(conn)
@@ -248,8 +279,9 @@ class Broker:
         if self.closing or self.stopping.is_set():
             raise LofiError(errors.INTERNAL, "the daemon is shutting down; ask again when it is back",
                             shutting_down=True)
+        await asyncio.to_thread(self.cache.check)
         loc = await self.model_location()
-        tid = track_id(req["prompt"], req["seed"], req["duration_sec"], loc.model_version)
+        tid = track_id(req["prompt"], req["seed"], req["duration_sec"], loc.model_version, **self.sampling())
         record = await asyncio.to_thread(self.cache.get, tid)
         if record is not None:
             return {"track_id": tid, "seed": req["seed"], "status": "complete", "position": 0, "cached": True,
@@ -262,6 +294,7 @@ class Broker:
             job = Job(tid, req["prompt"], req["duration_sec"], req["seed"], self.cache.wav_path(tid),
                       req["priority"], allow_download=allow)
             position = self.queue.push(job)
+            self.failures.discard(tid)  # asked again: it is retried
             self._kick()
             log.info("queued %s at position %d (%s)", tid, position, req["priority"])
         job.waiters.add(conn)
@@ -270,6 +303,11 @@ class Broker:
         status = "running" if job is self.queue.running else "queued"
         return {"track_id": tid, "seed": job.seed, "status": status, "position": self.queue.position(job),
                 "cached": False}
+
+    def sampling(self) -> dict:
+        """The sampling settings: part of every track id and record (they change the audio)."""
+        s = self.settings
+        return {"top_k": s.top_k, "temperature": s.temperature, "guidance_scale": s.guidance_scale}
 
     async def rpc_status(self, conn: Connection, params: list) -> dict:
         one_map(params, set())
@@ -282,7 +320,7 @@ class Broker:
             "queue": [{"track_id": j.track_id, "position": self.queue.position(j), "priority": j.priority,
                        "prompt": j.prompt} for j in self.queue.pending()],
             "downloading": self.downloading or self.download_variant is not None,
-            "settings": self.settings.to_dict(),
+            "settings": self.settings.to_dict(),  # clients play only WAVs in its cache_dir
             "settings_sources": dict(self.sources),
         }
         if running is not None:
@@ -301,6 +339,9 @@ class Broker:
             return {"track_id": tid, "status": "running" if job is self.queue.running else "queued",
                     "prompt": job.prompt, "seed": job.seed, "duration_sec": job.duration_sec,
                     "position": self.queue.position(job)}
+        failed = self.failures.get(tid)
+        if failed is not None:
+            return failed
         raise LofiError(errors.TRACK_NOT_FOUND, f"no track {tid}")
 
     async def rpc_tracks(self, conn: Connection, params: list) -> list:

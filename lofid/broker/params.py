@@ -25,10 +25,17 @@ def one_map(params: list, allowed: set[str]) -> dict:
         arg = {}
     if not isinstance(arg, dict):
         raise LofiError(errors.INVALID_PARAMS, "the argument must be a map")
-    unknown = sorted(str(k) for k in arg if k not in allowed)
+    unknown = [k for k in arg if k not in allowed]
     if unknown:
-        raise LofiError(errors.INVALID_PARAMS, f"unknown key(s): {', '.join(unknown)}")
+        raise LofiError(errors.INVALID_PARAMS, f"unknown key(s): {_some(unknown)}")
     return arg
+
+
+def _some(keys: list, shown: int = 5, width: int = 40) -> str:
+    """A few of ``keys`` for an error message, each cut short: never an echo of the whole request."""
+    names = sorted(repr(k)[:width] if not isinstance(k, str) else k[:width] for k in keys[:1000])[:shown]
+    more = len(keys) - len(names)
+    return ", ".join(names) + (f" and {more} more" if more else "")
 
 
 def _is_number(x: Any) -> bool:

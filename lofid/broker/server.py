@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 64 * 1024
 OUTPUT_LIMIT = 4 * 1024 * 1024  # bytes queued for a client that does not read; beyond: dropped
 MAX_CONNECTIONS = 256
+MAX_PER_PEER = 64  # connections one process may hold; its next one closes its least recently used idle one
+NEAR_LIMIT = MAX_CONNECTIONS * 7 // 8  # from here on a newcomer closes connections idle for idle_close_sec
 
 
 class Handler(Protocol):
@@ -35,27 +37,44 @@ class Handler(Protocol):
 
     def closed(self, conn: Connection) -> None: ...
 
+    def expects(self, conn: Connection) -> bool:
+        """Whether notifications are still due to ``conn`` (a job or download it waits for, a
+        subscription): such a connection is not idle, however long ago it asked."""
+        ...
 
-def peer_uid(sock: socket.socket) -> int | None:
-    """The uid of the process on the other end (Linux SO_PEERCRED, macOS LOCAL_PEERCRED)."""
+
+def peer_cred(sock: socket.socket) -> tuple[int | None, int | None]:
+    """(pid, uid) of the process on the other end: Linux SO_PEERCRED, macOS LOCAL_PEERPID and
+    LOCAL_PEERCRED; None where the platform cannot tell."""
     if hasattr(socket, "SO_PEERCRED"):
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return struct.unpack("3i", creds)[1]
+        pid, uid, _gid = struct.unpack("3i", creds)
+        return pid, uid
     if sys.platform == "darwin":
-        sol_local, local_peercred = 0, 1  # <sys/un.h>; the reply is a struct xucred
+        sol_local, local_peercred, local_peerpid = 0, 1, 2  # <sys/un.h>; LOCAL_PEERCRED gives a struct xucred
         creds = sock.getsockopt(sol_local, local_peercred, struct.calcsize("2I"))
-        return struct.unpack("2I", creds[: struct.calcsize("2I")])[1]
-    return None
+        uid = struct.unpack("2I", creds[: struct.calcsize("2I")])[1]
+        pid = struct.unpack("i", sock.getsockopt(sol_local, local_peerpid, struct.calcsize("i")))[0]
+        return pid, uid
+    return None, None
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process on the other end (SO_PEERCRED, LOCAL_PEERCRED)."""
+    return peer_cred(sock)[1]
 
 
 class Connection:
     _ids = itertools.count(1)
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_frame_bytes: int) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_frame_bytes: int,
+                 peer_pid: int | None = None) -> None:
         self.id = next(self._ids)
         self.reader, self.writer = reader, writer
         self.decoder = rpc.Decoder(max_frame_bytes)
         self.closed = False
+        self.peer_pid = peer_pid
+        self.last_request = time.monotonic()  # or the connect, before the first request
 
     def __repr__(self) -> str:
         return f"<client {self.id}>"
@@ -88,11 +107,12 @@ class Connection:
 
 class Server:
     def __init__(self, handler: Handler, socket_path: Path, max_frame_bytes: int = rpc.MAX_FRAME_BYTES,
-                 frame_timeout_sec: float = 10.0) -> None:
+                 frame_timeout_sec: float = 10.0, idle_close_sec: float = 30.0) -> None:
         self.handler = handler
         self.socket_path = socket_path
         self.max_frame_bytes = max_frame_bytes
         self.frame_timeout_sec = frame_timeout_sec  # a frame started must be finished within this
+        self.idle_close_sec = idle_close_sec  # near the limit, connections without a request this long go
         self.connections: set[Connection] = set()
         self._server: asyncio.base_events.Server | None = None
         self._owns_path = False
@@ -106,7 +126,7 @@ class Server:
 
     def _bind(self) -> socket.socket:
         path = self.socket_path
-        paths.private_dir(path.parent)
+        paths.socket_dir(path.parent)
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -123,7 +143,7 @@ class Server:
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
-        sock.listen(64)
+        sock.listen(MAX_CONNECTIONS)
         return sock
 
     def stop_listening(self) -> None:
@@ -143,15 +163,19 @@ class Server:
             self.socket_path.unlink(missing_ok=True)
 
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = Connection(reader, writer, self.max_frame_bytes)
-        sock = writer.get_extra_info("socket")
-        uid = peer_uid(sock) if sock is not None else None
+        try:
+            sock = writer.get_extra_info("socket")
+            pid, uid = peer_cred(sock) if sock is not None else (None, None)
+        except OSError as e:
+            log.warning("cannot tell who a client is (%s); refusing it", e)
+            writer.transport.abort()
+            return
         if uid is not None and uid != os.getuid():
             log.warning("refusing a client of uid %d", uid)
             writer.transport.abort()
             return
-        if len(self.connections) >= MAX_CONNECTIONS:
-            log.warning("too many clients (%d); refusing one", MAX_CONNECTIONS)
+        conn = Connection(reader, writer, self.max_frame_bytes, peer_pid=pid)
+        if not self._make_room(conn):
             writer.transport.abort()
             return
         self.connections.add(conn)
@@ -170,6 +194,42 @@ class Server:
             finally:
                 writer.transport.abort()
             log.debug("%r disconnected", conn)
+
+    def _make_room(self, newcomer: Connection) -> bool:
+        """Bound the connections: a process at MAX_PER_PEER loses its least recently used idle
+        one; from NEAR_LIMIT on, connections idle for ``idle_close_sec`` are closed, the
+        longest idle first. Idle: no request, and nothing due to it (``Handler.expects``: a
+        connection that waits for a track, streams one or is subscribed is never closed
+        here). -> whether the newcomer fits; why not is logged."""
+        if newcomer.peer_pid is not None:
+            mine = [c for c in self.connections if c.peer_pid == newcomer.peer_pid]
+            if len(mine) >= MAX_PER_PEER:
+                idle = [c for c in mine if not self.handler.expects(c)]
+                if not idle:
+                    log.warning("process %d holds %d connections, each waiting for something; refusing its next",
+                                newcomer.peer_pid, len(mine))
+                    return False
+                oldest = min(idle, key=lambda c: c.last_request)
+                log.warning("process %d holds %d connections; closing its least recently used one, %r",
+                            newcomer.peer_pid, len(mine), oldest)
+                self._drop(oldest)
+        if len(self.connections) >= NEAR_LIMIT:
+            now = time.monotonic()
+            idle = sorted((c for c in self.connections
+                           if now - c.last_request >= self.idle_close_sec and not self.handler.expects(c)),
+                          key=lambda c: c.last_request)
+            for c in idle[:len(self.connections) - NEAR_LIMIT + 1]:
+                log.info("closing %r: no request for %.0f s and %d clients connected", c, now - c.last_request,
+                         len(self.connections))
+                self._drop(c)
+        if len(self.connections) >= MAX_CONNECTIONS:
+            log.warning("too many clients (%d), none of them idle; refusing one", MAX_CONNECTIONS)
+            return False
+        return True
+
+    def _drop(self, conn: Connection) -> None:
+        self.connections.discard(conn)  # its own task sees the connection end and cleans up
+        conn.abort()
 
     async def _serve(self, conn: Connection) -> None:
         deadline = 0.0  # when the frame being received must be complete (a trickle does not extend it)
@@ -206,6 +266,7 @@ class Server:
             return
         if not isinstance(msg, rpc.Request):
             return  # clients have nothing to tell us unasked: notifications and responses are ignored
+        conn.last_request = time.monotonic()
         try:
             result = await self.handler.handle(conn, msg.method, msg.params)
         except LofiError as e:

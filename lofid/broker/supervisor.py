@@ -142,12 +142,10 @@ class Supervisor:
         """A worker killed while writing leaves its temporary file behind; nobody will finish it."""
         if self._writes is None:
             return
-        tmp, self._writes = paths.tmp_path(self._writes, pid), None
+        writes, self._writes = self._writes, None
         try:
-            tmp.unlink()
-            log.info("removed %s, left by the dead worker", tmp.name)
-        except FileNotFoundError:
-            pass
+            for name in paths.remove_temps(writes, pid):
+                log.info("removed %s, left by the dead worker", name)
         except OSError as e:
             log.warning("cannot remove the dead worker's temporary file: %s", e)
 

@@ -1,8 +1,9 @@
 """Track ids and the track cache.
 
 A track id is the first 16 hex digits of SHA-256 over the canonical JSON of
-``{"prompt", "seed", "duration_sec", "model_version"}`` (keys sorted, UTF-8, no
-spaces, duration as a float). The same four values always give the same id.
+``{"prompt", "seed", "duration_sec", "model_version", "top_k", "temperature",
+"guidance_scale"}`` (keys sorted, UTF-8, no spaces, duration, temperature and guidance
+as floats): everything that changes the audio. The same values always give the same id.
 
 The cache folder holds ``<track_id>.wav`` (written by the worker) and
 ``<track_id>.json`` (the track record, written here). Both are written to a
@@ -14,10 +15,16 @@ access. Writing the record sets it; a cache hit of ``generate`` and every ``trac
 look-up (``lofictl play`` uses it) touch it. Listing the tracks does not. Eviction
 removes the JSON first, so a track is never complete without its WAV; a WAV left
 without its JSON by a crash is removed at the next start.
+
+The folder may be the user's own (``--cache-dir ~/Music/lofi``): only names lofid makes
+(``<track_id>.wav``, ``<track_id>.json`` and their temporary files,
+``.<track_id>.wav.<pid>.<random>.tmp``) are ever removed, at start, by eviction, by
+``cache_prune`` and by ``track_delete``; anything else there is left alone.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -33,12 +40,17 @@ from lofid.errors import LofiError
 log = logging.getLogger(__name__)
 
 TRACK_ID_LEN = 16
+FAILURES_KEPT = 100
 _TRACK_ID = re.compile(rf"[0-9a-f]{{{TRACK_ID_LEN}}}")  # always with fullmatch
+_TRACK_FILE = re.compile(rf"([0-9a-f]{{{TRACK_ID_LEN}}})\.(wav|json)")
+_TRACK_TEMP = paths.temp_name_re(rf"[0-9a-f]{{{TRACK_ID_LEN}}}\.(?:wav|json)")  # paths.create_temp's names
 
 
-def track_id(prompt: str, seed: int, duration_sec: float, model_version: str) -> str:
+def track_id(prompt: str, seed: int, duration_sec: float, model_version: str, *, top_k: int,
+             temperature: float, guidance_scale: float) -> str:
     canonical = json.dumps(
-        {"prompt": prompt, "seed": int(seed), "duration_sec": float(duration_sec), "model_version": model_version},
+        {"prompt": prompt, "seed": int(seed), "duration_sec": float(duration_sec), "model_version": model_version,
+         "top_k": int(top_k), "temperature": float(temperature), "guidance_scale": float(guidance_scale)},
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
@@ -58,15 +70,29 @@ class TrackCache:
         self.root = root
 
     def prepare(self) -> None:
-        """Create the folder; remove temporary files and half tracks of dead runs."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Create the folder (0700); remove lofid's temporary files and half tracks of dead
+        runs. A folder others could write in is left alone (``check`` says why)."""
+        paths.make_dirs(self.root)
+        try:
+            self.check()
+        except LofiError as e:
+            log.error("%s; no track is written until it is fixed", e.message)
+            return
         for p in self.root.iterdir():
-            if paths.is_tmp(p):
+            if is_temp_file(p.name):
                 log.info("removing leftover temporary file %s", p.name)
-                p.unlink(missing_ok=True)
-            elif p.suffix == ".wav" and not p.with_suffix(".json").exists():
+                _unlink_file(p)
+            elif (m := _TRACK_FILE.fullmatch(p.name)) and m[2] == "wav" and not p.with_suffix(".json").exists():
                 log.info("removing %s: its run died before the track was recorded", p.name)
-                p.unlink(missing_ok=True)
+                _unlink_file(p)
+
+    def check(self) -> None:
+        """STORAGE_FAILED unless the folder is this user's and no one else can write in it
+        (others could plant files, or symlinks for lofid to follow)."""
+        try:
+            paths.check_own_dir(self.root, "track cache")
+        except OSError as e:
+            raise LofiError(errors.STORAGE_FAILED, str(e)) from None
 
     def wav_path(self, tid: str) -> Path:
         return self.root / f"{check_track_id(tid)}.wav"
@@ -163,6 +189,45 @@ class TrackCache:
             total -= e.size
             removed.append(e)
         return removed
+
+
+class Failures:
+    """The tracks that failed in this daemon's lifetime, the last ``FAILURES_KEPT``: their
+    record ``{track_id, status: "failed", error: {code, message}, ...}`` answers ``track``,
+    so a client that missed ``generation_error`` still learns why. Asking for the track
+    again (a new job) forgets it."""
+
+    def __init__(self, keep: int = FAILURES_KEPT) -> None:
+        self.keep = keep
+        self._records: collections.OrderedDict[str, dict] = collections.OrderedDict()
+
+    def add(self, record: dict, err: LofiError) -> None:
+        tid = record["track_id"]
+        self._records.pop(tid, None)
+        self._records[tid] = {**record, "status": "failed", "error": {"code": err.code, "message": err.message},
+                              "failed_at": now()}
+        while len(self._records) > self.keep:
+            self._records.popitem(last=False)
+
+    def get(self, tid: str) -> dict | None:
+        record = self._records.get(tid)
+        return dict(record) if record is not None else None
+
+    def discard(self, tid: str) -> None:
+        self._records.pop(tid, None)
+
+
+def is_temp_file(name: str) -> bool:
+    """Whether ``name`` is a temporary track file lofid writes (``paths.create_temp``)."""
+    return _TRACK_TEMP.fullmatch(name) is not None
+
+
+def _unlink_file(p: Path) -> None:
+    """Remove a file or a symlink (never what it points to), not a folder."""
+    try:
+        p.unlink()
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        pass
 
 
 @dataclass(frozen=True)

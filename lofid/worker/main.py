@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lofid import errors, models
+from lofid import errors, memory, models
 from lofid.config import Settings
 from lofid.errors import LofiError
 from lofid.logs import setup_logging
@@ -127,7 +127,12 @@ class Worker:
         engine_cls = self._engine_class()
         self.send({"ev": "model", "state": self._load_state(engine_cls, loc.root, s.variant), "variant": s.variant,
                    "model_version": loc.model_version})
-        self.engine = engine_cls.load(loc.root, s.variant, device=s.device, threads=s.threads)
+        self.engine = None
+        try:
+            self.engine = engine_cls.load(loc.root, s.variant, device=s.device, threads=s.threads)
+        except MemoryError:
+            raise LofiError(errors.MODEL_LOAD_FAILED, memory.out_of_memory_at_load(s.variant, s.device,
+                            s.worker_memory_mb), variant=s.variant) from None
         self.engine_version = loc.model_version
         self.send({"ev": "model", "state": "ready", "variant": s.variant, "model_version": loc.model_version,
                    "device": self.engine.device, "provider": self.engine.provider, "threads": self.engine.threads,

@@ -10,7 +10,7 @@ import os
 import sys
 
 from lofictl import admin, commands
-from lofictl.client import Disconnected
+from lofictl.client import Disconnected, UntrustedDaemon
 from lofictl.connect import cli_flags
 from lofictl.output import (
     BAD_FRAME,
@@ -19,6 +19,7 @@ from lofictl.output import (
     INVALID_CONFIG,
     INVALID_PARAMS,
     TIMEOUT,
+    UNTRUSTED_DAEMON,
     CliError,
     print_error,
 )
@@ -150,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         print_error(e.code, e.message)
     except TimeoutError:
         print_error(TIMEOUT, f"lofid did not answer within {args.timeout or 0:g} s (--timeout)")
+    except UntrustedDaemon as e:
+        print_error(UNTRUSTED_DAEMON, str(e))
     except Disconnected:
         print_error(DISCONNECTED, "lofid closed the connection before answering")
     except (rpc.FrameError, rpc.MessageError) as e:

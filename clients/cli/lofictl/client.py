@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -18,18 +19,66 @@ class Disconnected(ConnectionError):
     """The daemon closed the connection."""
 
 
+class UntrustedDaemon(Exception):
+    """What answers on the socket is not this user's lofid, or it said something no lofid says
+    (lofictl: UNTRUSTED_DAEMON)."""
+
+
+def check_peer(sock: socket.socket, path: str) -> None:
+    """Refuse a socket served by another user (SO_PEERCRED / LOCAL_PEERCRED): whoever could
+    plant a socket where lofid's should be must not get to answer for it."""
+    from lofid.broker.server import peer_uid
+
+    uid = peer_uid(sock)
+    if uid is not None and uid != os.getuid():
+        raise UntrustedDaemon(f"{path} is served by uid {uid}, not by you (uid {os.getuid()}); "
+                              "refusing to talk to it")
+
+
+def check_track_path(path: object, cache_dir: str | None = None) -> Path:
+    """A track path the daemon gave, accepted only as a normalized absolute path to a ``.wav``
+    (inside ``cache_dir`` when the daemon said which): never something a player could take for
+    an option, a URL or a playlist."""
+    ok = (isinstance(path, str) and os.path.isabs(path) and os.path.normpath(path) == path
+          and path.lower().endswith(".wav") and not any(ch in path for ch in "\0\n\r"))
+    if ok and cache_dir:
+        ok = os.path.dirname(path) == os.path.normpath(cache_dir)
+    if not ok:
+        where = f" in its track cache {cache_dir}" if cache_dir else ""
+        raise UntrustedDaemon(f"lofid gave {str(path)[:200]!r} as the track's file, which is not an absolute "
+                              f"path to a .wav{where}; refusing to play it")
+    return Path(path)
+
+
 class Client:
     def __init__(self, path: str | Path, timeout: float | None = 30.0) -> None:
         """``timeout``: the default wait for responses and notifications (None = forever)."""
         self.path = str(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
-        self.sock.connect(self.path)
+        try:
+            self._connect(timeout)
+            check_peer(self.sock, self.path)
+        except BaseException:
+            self.sock.close()
+            raise
         self.timeout = timeout
         self.decoder = rpc.Decoder(64 << 20)
         self.notifications: collections.deque[tuple[str, dict]] = collections.deque()
         self._responses: dict[int, rpc.Response] = {}
         self._ids = itertools.count(1)
+        self._cache_dir: str | None = None  # the daemon's, once asked
+
+    def _connect(self, timeout: float | None) -> None:
+        deadline = time.monotonic() + (timeout if timeout is not None else 30.0)
+        while True:
+            try:
+                self.sock.connect(self.path)
+                return
+            except BlockingIOError:  # a Unix socket's listen backlog is full for a moment: wait
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def close(self) -> None:
         self.sock.close()
@@ -86,6 +135,14 @@ class Client:
 
     def call(self, method: str, arg: dict | None = None, timeout: float | None = None) -> Any:
         return self.response(self.send(method, arg), timeout)
+
+    def track_path(self, path: object) -> Path:
+        """``check_track_path`` against the daemon's track cache (asked once: ``status``'s
+        ``settings.cache_dir``)."""
+        if self._cache_dir is None:
+            settings = self.call("status").get("settings")
+            self._cache_dir = str(settings.get("cache_dir") or "") if isinstance(settings, dict) else ""
+        return check_track_path(path, self._cache_dir)
 
     def notification(self, timeout: float | None = None,
                      match: Callable[[str, dict], bool] | None = None) -> tuple[str, dict]:

@@ -7,7 +7,6 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from lofictl.client import Client, Disconnected
 from lofictl.connect import connect, running, stop, warn_if_settings_differ
@@ -112,14 +111,16 @@ def cmd_generate(args, settings) -> int:
                 if playback is not None:
                     playback.abort()
                 raise
-    if playback is not None and playback.started:
+        streamed = playback is not None and playback.started  # the PCM went to the player's stdin
+        wav = c.track_path(record.get("path")) if args.play and not streamed else None
+    if streamed:
         try:
             playback.wait(record["path"])
         except BaseException:
             playback.abort()
             raise
-    elif args.play:
-        play(Path(record["path"]))
+    elif wav is not None:
+        play(wav)
     emit(args, record, record["path"])
     return 0
 
@@ -293,9 +294,13 @@ def tracks_prune(args, settings) -> int:
 def cmd_play(args, settings) -> int:
     with connect(args, settings, start=True) as c:
         record = c.call("track", {"track_id": args.track})
-    if record.get("status") != "complete":
-        raise CliError(TRACK_NOT_READY, f"track {args.track} is {record.get('status')}")
-    play(Path(record["path"]))
+        if record.get("status") == "failed":
+            err = record.get("error") or {}
+            raise CliError(TRACK_NOT_READY, f"track {args.track} failed: {err.get('code')}: {err.get('message')}")
+        if record.get("status") != "complete":
+            raise CliError(TRACK_NOT_READY, f"track {args.track} is {record.get('status')}")
+        wav = c.track_path(record.get("path"))
+    play(wav)
     return 0
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lofictl.client import Client, Disconnected
 from lofictl.output import NOT_RUNNING, START_FAILED, TIMEOUT, CliError, note
-from lofid import config
+from lofid import config, paths
 
 START_TIMEOUT_SEC = 20.0
 STOP_TIMEOUT_SEC = 30.0
@@ -64,8 +64,7 @@ def start_daemon(args, settings: config.Settings) -> None:
     if args.config:
         argv += ["--config", str(args.config)]
     try:
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
-        with open(settings.state_dir / "lofid.log", "ab") as log:
+        with paths.open_private_log(paths.private_dir(settings.state_dir) / "lofid.log") as log:  # it holds prompts
             subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                              close_fds=True)
     except OSError as e:

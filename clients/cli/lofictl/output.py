@@ -3,7 +3,7 @@ and errors as ``lofictl: CODE: message``.
 
 Besides the daemon's codes (lofid.errors), lofictl's own, shared with the Neovim plugin
 (clients/nvim/lua/lofi/errors.lua): NOT_RUNNING, START_FAILED, TIMEOUT, DISCONNECTED,
-BAD_FRAME, NO_PLAYER, PLAYER_FAILED, CANCELLED; and INVALID_CONFIG, TRACK_NOT_READY,
+BAD_FRAME, NO_PLAYER, PLAYER_FAILED, CANCELLED, UNTRUSTED_DAEMON; and INVALID_CONFIG, TRACK_NOT_READY,
 SERVICE_FAILED. Bad arguments are INVALID_PARAMS, as the daemon says of bad parameters.
 """
 
@@ -20,6 +20,7 @@ BAD_FRAME = "BAD_FRAME"  # the daemon sent bytes that are not msgpack-rpc
 NO_PLAYER = "NO_PLAYER"
 PLAYER_FAILED = "PLAYER_FAILED"
 CANCELLED = "CANCELLED"  # the user said no
+UNTRUSTED_DAEMON = "UNTRUSTED_DAEMON"  # the socket is another user's, or lofid gave a path no lofid gives
 INVALID_PARAMS = "INVALID_PARAMS"  # a bad argument (the daemon's code for bad parameters)
 INTERNAL = "INTERNAL"  # a bug in lofictl
 INVALID_CONFIG = "INVALID_CONFIG"

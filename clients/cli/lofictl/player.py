@@ -24,19 +24,19 @@ STDERR_KEEP = 4096  # bytes of a player's stderr kept for the error message
 @dataclass(frozen=True)
 class Player:
     name: str
-    file_args: tuple[str, ...]  # before the WAV's path
+    file_args: tuple[str, ...]  # before the WAV's path; "--" ends the options of those that take it
     # to read 16-bit little-endian mono PCM at {rate} Hz on stdin; None: it cannot
     stream_args: tuple[str, ...] | None
 
 
 PLAYERS = (
-    Player("pw-play", (), ("--format", "s16", "--rate", "{rate}", "--channels", "1", "-")),
-    Player("paplay", (), ("--raw", "--format=s16le", "--rate={rate}", "--channels=1")),
-    Player("aplay", ("-q",), ("-q", "-t", "raw", "-f", "S16_LE", "-r", "{rate}", "-c", "1", "-")),
+    Player("pw-play", ("--",), ("--format", "s16", "--rate", "{rate}", "--channels", "1", "-")),
+    Player("paplay", ("--",), ("--raw", "--format=s16le", "--rate={rate}", "--channels=1")),
+    Player("aplay", ("-q", "--"), ("-q", "-t", "raw", "-f", "S16_LE", "-r", "{rate}", "-c", "1", "-")),
     Player("afplay", (), None),
-    Player("ffplay", ("-nodisp", "-autoexit", "-loglevel", "quiet"),
+    Player("ffplay", ("-nodisp", "-autoexit", "-loglevel", "quiet", "--"),
            ("-nodisp", "-autoexit", "-loglevel", "quiet", "-f", "s16le", "-ar", "{rate}", "-i", "pipe:0")),
-    Player("mpv", ("--no-video", "--really-quiet"),
+    Player("mpv", ("--no-video", "--really-quiet", "--"),
            ("--no-video", "--really-quiet", "--demuxer=rawaudio", "--demuxer-rawaudio-format=s16le",
             "--demuxer-rawaudio-rate={rate}", "--demuxer-rawaudio-channels=1", "-")),
     Player("play", ("-q",), ("-q", "-t", "raw", "-r", "{rate}", "-e", "signed", "-b", "16", "-c", "1", "-L", "-")),
@@ -117,7 +117,9 @@ def cannot_run(exe: str, e: OSError) -> str:
 
 
 def play(path: Path) -> None:
-    """Play the WAV file with the first player on PATH that does not fail at once."""
+    """Play the WAV at ``path`` with the first player on PATH that does not fail at once
+    (a path ``client.check_track_path`` accepted: absolute, so no player takes it for an
+    option even where it has no "--")."""
     players = find_players()
     if not players:
         raise CliError(NO_PLAYER, f"no audio player found (tried {', '.join(p.name for p in PLAYERS)}); "

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from lofid import variants
+from lofid import paths, variants
 from lofid.errors import MODEL_LOAD_FAILED, LofiError
 from lofid.worker import sessions
 from lofid.worker.model_config import ModelConfig
@@ -104,7 +104,7 @@ def cache_file(root: Path, rel: str, kind: str) -> tuple[Path, str]:
     marker = optimized_dir() / f"{where}.source"   # for prune_optimized
     if not marker.is_file():
         try:
-            marker.parent.mkdir(parents=True, exist_ok=True)
+            paths.make_dirs(marker.parent)
             marker.write_text(str(src))
         except OSError:
             pass   # not caching anyway: saving reports why
@@ -124,7 +124,7 @@ def saving(opts, cache: Path, stem: str, kind: str, prepacked: bool) -> tuple[Pa
     (temporary graph path, weights path). Raises OSError."""
     tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
     weights = cache.with_name(f"{cache.name}.{os.getpid()}.data")
-    cache.parent.mkdir(parents=True, exist_ok=True)
+    paths.make_dirs(cache.parent)
     for pattern in (f"{stem}.*.{kind}.onnx", f"{stem}.*.{kind}.onnx.*.data"):
         for old in cache.parent.glob(pattern):
             old.unlink(missing_ok=True)
@@ -299,7 +299,7 @@ def stage(model, stage_dir: Path) -> str | bytes:
 
     shutil.rmtree(stage_dir, ignore_errors=True)
     try:
-        stage_dir.mkdir(parents=True)
+        paths.make_dirs(stage_dir)
     except OSError as e:
         log.info("cannot stage the rewritten graph in %s (%s): handing it over in memory",
                  stage_dir, e)

@@ -116,6 +116,9 @@ M.ensure = function(cb, opts)
     if not err then
       return cb(nil, client)
     end
+    if err.code == errors.CODE.UNTRUSTED_DAEMON then
+      return cb(err) -- starting lofid would not help
+    end
     if not config().auto_start or (opts and opts.start == false) then
       err.hint = "start it with :LofiDaemon start, or setup({ auto_start = true })"
       return cb(err)
@@ -146,6 +149,25 @@ local function lofid_argv()
   return argv
 end
 
+--- Open the log for appending, private whatever the umask (it holds prompts): its folder
+--- 0700 when created here, the file 0600; never through a symlink. -> fd or nil.
+M.open_private_log = function(log)
+  local dir = vim.fn.fnamemodify(log, ":h")
+  if vim.fn.isdirectory(dir) == 0 then
+    vim.fn.mkdir(dir, "p", 448) -- 0700
+    uv.fs_chmod(dir, 448)
+  end
+  local st = uv.fs_lstat(log)
+  if st and st.type ~= "file" then
+    return nil
+  end
+  local fd = uv.fs_open(log, "a", 384) -- 0600
+  if fd then
+    uv.fs_fchmod(fd, 384)
+  end
+  return fd
+end
+
 --- Start lofid detached (it outlives the editor), logging to log_file, and wait until it
 --- answers; cb(err). Concurrent callers share one start.
 M.start = function(cb)
@@ -167,8 +189,7 @@ M.start = function(cb)
       M.socket_path(), argv[1])))
   end
   local log = M.log_path()
-  vim.fn.mkdir(vim.fn.fnamemodify(log, ":h"), "p")
-  local fd = uv.fs_open(log, "a", 420) -- 0644
+  local fd = M.open_private_log(log)
   local exited = nil
   local handle, pid_or_err = uv.spawn(argv[1], {
     args = vim.list_slice(argv, 2),
@@ -194,9 +215,9 @@ M.start = function(cb)
   local timer = uv.new_timer()
   local function poll()
     client:connect(function(err)
-      if not err then
+      if not err or err.code == errors.CODE.UNTRUSTED_DAEMON then
         timer:close()
-        return finish(nil)
+        return finish(err)
       end
       if exited or uv.now() > deadline then
         timer:close()
@@ -234,6 +255,10 @@ M.reconnect = function()
     get_client():connect(function(err)
       if not err or M.reconnect_timer ~= timer then
         return -- on_connect stopped the timer
+      end
+      if err.code == errors.CODE.UNTRUSTED_DAEMON then
+        M.stop_reconnect()
+        return util.report(err) -- starting lofid would not help
       end
       if uv.now() > deadline then
         return M.stop_reconnect()

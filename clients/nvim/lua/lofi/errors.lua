@@ -25,6 +25,7 @@ M.CODE = {
   NO_PLAYER = "NO_PLAYER", -- no audio player found
   PLAYER_FAILED = "PLAYER_FAILED", -- the player exited with an error
   CANCELLED = "CANCELLED", -- the user said no
+  UNTRUSTED_DAEMON = "UNTRUSTED_DAEMON", -- the socket is another user's, or lofid gave a path no lofid gives
 }
 
 ---@param code string

@@ -182,7 +182,7 @@ M.play = function(track)
         play_track(record)
       end)
     end
-    local path = vim.fn.expand(track)
+    local path = vim.fn.fnamemodify(vim.fn.expand(track), ":p")
     if not uv.fs_stat(path) then
       return util.report(errors.new(errors.CODE.TRACK_NOT_FOUND, "no track or file " .. track))
     end

@@ -8,18 +8,35 @@ local errors = require("lofi.errors")
 
 local M = {}
 
--- name -> argv before the file; loop = the player loops by itself
+-- name -> argv before the file ("--" ends the options of those that take it); loop = the
+-- player loops by itself
 M.KNOWN = {
-  ["pw-play"] = { "pw-play" },
-  paplay = { "paplay" },
-  aplay = { "aplay", "-q" },
+  ["pw-play"] = { "pw-play", "--" },
+  paplay = { "paplay", "--" },
+  aplay = { "aplay", "-q", "--" },
   afplay = { "afplay" },
-  ffplay = { "ffplay", "-nodisp", "-loglevel", "error", "-loop", "0", loop = true },
-  mpv = { "mpv", "--no-video", "--really-quiet", "--loop-file=inf", loop = true },
+  ffplay = { "ffplay", "-nodisp", "-loglevel", "error", "-loop", "0", "--", loop = true },
+  mpv = { "mpv", "--no-video", "--really-quiet", "--loop-file=inf", "--", loop = true },
 }
 
 M.QUICK_MS = 1000 -- a player that exits with an error sooner than this failed to start
 local STDERR_MAX = 2000 -- bytes of a player's stderr kept for the error message
+
+--- nil if `path` is a normalized absolute path to a .wav, else an UNTRUSTED_DAEMON error: a
+--- path from lofid is never anything a player could take for an option, a URL or a playlist.
+M.check_path = function(path)
+  local ok = type(path) == "string"
+    and path:sub(1, 1) == "/"
+    and path:lower():sub(-4) == ".wav"
+    and not path:find("[%z\n\r]")
+    and not path:find("/%.%.?/")
+    and not path:find("//", 1, true)
+  if ok then
+    return nil
+  end
+  return errors.new(errors.CODE.UNTRUSTED_DAEMON, string.format(
+    "%s is not an absolute path to a .wav; refusing to play it", vim.inspect(path):sub(1, 200)))
+end
 
 M.current = nil -- {path, argv, handle, pid, started, quick_exits, spawns, ...}
 
@@ -157,6 +174,10 @@ end
 --- on_switch(why) when a player failed and the next one plays.
 ---@return table|nil err
 M.play = function(path, players, on_error, on_switch)
+  local bad = M.check_path(path)
+  if bad then
+    return bad
+  end
   M.stop()
   local candidates = M.find_all(players)
   if #candidates == 0 then

@@ -56,7 +56,61 @@ function Client:is_connected()
   return self.pipe ~= nil
 end
 
---- Connect; cb(err) on the main loop (err = nil when connected, or a NOT_RUNNING error).
+--- mode AND mask ~= 0 (no bit library: Neovim may be built with PUC Lua)
+local function any_bits(mode, mask)
+  mode = mode % 4096
+  while mask > 0 do
+    if mask % 2 == 1 and mode % 2 == 1 then
+      return true
+    end
+    mode, mask = math.floor(mode / 2), math.floor(mask / 2)
+  end
+  return false
+end
+
+--- Before connecting (libuv has no SO_PEERCRED): nil if the socket at `path` can only be this
+--- user's lofid's, else an UNTRUSTED_DAEMON error. The socket and its folder must be this
+--- user's, the folder closed to others (lofid makes it 0700), and every folder above it
+--- this user's or root's and not writable by others unless sticky (/tmp): the per-user
+--- fallback under /tmp could have been made by someone else first. A missing socket passes
+--- (connecting then fails: NOT_RUNNING).
+M.check_socket = function(path)
+  local uid = uv.getuid()
+  local st = uv.fs_lstat(path)
+  if not st then
+    return nil
+  end
+  local function untrusted(fmt, ...)
+    return errors.new(errors.CODE.UNTRUSTED_DAEMON, string.format(fmt, ...) .. "; refusing to connect to " .. path)
+  end
+  if st.type ~= "socket" or st.uid ~= uid then
+    return untrusted("%s is a %s of uid %d, not your lofid's socket (uid %d)", path, st.type, st.uid, uid)
+  end
+  local dir = vim.fn.fnamemodify(path, ":p:h")
+  local dst = uv.fs_stat(dir) or { uid = -1, mode = 0 }
+  if dst.uid ~= uid then
+    return untrusted("its folder %s belongs to uid %d, not to you (uid %d)", dir, dst.uid, uid)
+  elseif any_bits(dst.mode, 63) then -- 0077
+    return untrusted("its folder %s is open to others (mode %04o)", dir, dst.mode % 4096)
+  end
+  local parent = vim.fn.fnamemodify(dir, ":h")
+  while true do
+    local pst = uv.fs_stat(parent) or { uid = -1, mode = 0 }
+    if pst.uid ~= uid and pst.uid ~= 0 then
+      return untrusted("%s, above it, belongs to uid %d", parent, pst.uid)
+    elseif any_bits(pst.mode, 18) and not any_bits(pst.mode, 512) then -- 0022, sticky 01000
+      return untrusted("%s, above it, can be written by others (mode %04o)", parent, pst.mode % 4096)
+    end
+    local up = vim.fn.fnamemodify(parent, ":h")
+    if up == parent then
+      return nil
+    end
+    parent = up
+  end
+end
+
+--- Connect; cb(err) on the main loop (err = nil when connected, or a NOT_RUNNING or
+--- UNTRUSTED_DAEMON error).
 function Client:connect(cb)
   cb = cb or function() end
   if self.pipe then
@@ -67,6 +121,12 @@ function Client:connect(cb)
   if self.connecting then
     table.insert(self.connecting, cb)
     return
+  end
+  local untrusted = M.check_socket(self.path)
+  if untrusted then
+    return vim.schedule(function()
+      cb(untrusted)
+    end)
   end
   self.connecting = { cb }
   local pipe = uv.new_pipe(false)
