@@ -117,7 +117,7 @@ def test_a_player_that_fails_at_once_gives_way_to_the_next(env, short_tmp):  # n
     record = json.loads(r.stdout)
     r = lofictl(env, "play", record["track_id"])
     assert r.returncode == 0, r.stderr
-    assert runs(records) == [["mpv", "--no-video", "--really-quiet", record["path"]]]
+    assert runs(records) == [["mpv", "--no-video", "--really-quiet", "--", record["path"]]]
     assert tried.read_text() == "aplay\n" and "aplay" not in r.stderr  # its stderr did not spill
     # from the stream: mpv gets the PCM from the start, exactly the WAV's samples
     r = lofictl(env, "--json", "generate", "streamed after aplay step=0.005", "--duration", "6", "--seed", "5",
