@@ -148,8 +148,8 @@ class Broker:
             record = await asyncio.to_thread(self.cache.put, record)
         except LofiError as e:
             e = self._load_failure(e)
+            await self.settle_model_state()  # before anyone hears of the failure and asks status
             self.fail(job, e)
-            await self.settle_model_state()
             if e.code == errors.MODEL_DOWNLOAD_FAILED:  # every job waiting for that model fails with it
                 for other in self.queue.drain():
                     self.fail(other, e)
@@ -334,14 +334,14 @@ class Broker:
         record = await asyncio.to_thread(self.cache.get, tid)
         if record is not None:
             return record
+        failed = self.failures.get(tid)   # asking to generate it again forgets it
+        if failed is not None:
+            return failed
         job = self.queue.find(tid)
         if job is not None:
             return {"track_id": tid, "status": "running" if job is self.queue.running else "queued",
                     "prompt": job.prompt, "seed": job.seed, "duration_sec": job.duration_sec,
                     "position": self.queue.position(job)}
-        failed = self.failures.get(tid)
-        if failed is not None:
-            return failed
         raise LofiError(errors.TRACK_NOT_FOUND, f"no track {tid}")
 
     async def rpc_tracks(self, conn: Connection, params: list) -> list:
