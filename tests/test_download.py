@@ -72,7 +72,8 @@ def test_consent_download_generate_and_never_asked_again(make_daemon, hub, short
 
 def test_dropped_connection_fails_every_waiting_job_then_recovers(make_daemon, hub, short_tmp):
     daemon = hub_daemon(make_daemon, hub, short_tmp, allow_download=True)
-    hub.drop_after("small_i8/decoder_model_merged.onnx", 50_000)
+    # every attempt: huggingface_hub 1.18+ retries a cut transfer within one download
+    hub.drop_after("small_i8/decoder_model_merged.onnx", 50_000, times=None)
     with daemon.client() as c:
         jobs = [gen(c, f"waiting {i} step=0", seed=i) for i in range(3)]
         for j in jobs:
@@ -83,6 +84,7 @@ def test_dropped_connection_fails_every_waiting_job_then_recovers(make_daemon, h
         assert c.call("status")["pid"] == daemon.proc.pid
         hf_files = [p.name for p in (short_tmp / "hf").rglob("*") if p.is_file()]
         assert not any(n.endswith(".onnx") for n in hf_files if "decoder_model" in n)
+        hub.clear()
         r = gen(c, "after the drop step=0", seed=9)
         assert c.wait_track(r["track_id"])["status"] == "complete"
 
