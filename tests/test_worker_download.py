@@ -245,21 +245,20 @@ def test_file_absent_from_hub(hub, home, served):
     assert "small_fp16/encodec_decode.onnx" in res["error"]["message"]
 
 
-# 503: the status every supported huggingface_hub retries (0.36 and later retry 500 too)
-def test_http_503_on_file(hub, home):
+def test_http_5xx_on_file_then_the_hub_is_back(hub, home):
+    """Whether and how often huggingface_hub retries a 5xx itself depends on its release
+    (up to 0.35, and in 1.0, a 5xx on a file's metadata is not retried; 0.36 and the 2.x
+    line retry it): what lofid promises is the sentence, and the next run once the hub is
+    back."""
     f = "small/tokenizer.json"
-    hub.fail(f, 503)  # persistent: huggingface_hub retries, then gives up
+    hub.fail(f, 503)  # persistent: whatever the retries, they all fail
     res, _ = run(hub, home, LOFID_TEST_FAST_RETRY=1)
     err = res["error"]
     assert err["code"] == MODEL_DOWNLOAD_FAILED and err["status"] == 503
     assert "503" in err["message"] and f in err["message"] and "try again later" in err["message"]
-    assert hub.count("HEAD", f) > 1  # the real backoff-and-retry ran
-
-
-def test_http_503_transient_is_retried(hub, home):
-    hub.fail("small/config.json", 503, times=1)
-    res, _ = run(hub, home, LOFID_TEST_FAST_RETRY=1)
-    assert "ok" in res, res
+    assert hub.count("HEAD", f) >= 1
+    hub.clear()
+    assert "ok" in run(hub, home)[0]
 
 
 def test_http_500_on_api(hub, home):
