@@ -254,9 +254,7 @@ class Broker:
                     "path": record["path"]}
         job = self.queue.find(tid)
         if job is None:
-            s = self.settings
-            allow = models.may_download(loc, s.model_dir, s.state_dir, allow_download=s.allow_download,
-                                        asked=req["allow_download"])
+            allow = await self.may_download(loc, req["allow_download"])
             job = Job(tid, req["prompt"], req["duration_sec"], req["seed"], self.cache.wav_path(tid),
                       req["priority"], allow_download=allow)
             position = self.queue.push(job)
@@ -268,6 +266,23 @@ class Broker:
         status = "running" if job is self.queue.running else "queued"
         return {"track_id": tid, "seed": job.seed, "status": status, "position": self.queue.position(job),
                 "cached": False}
+
+    async def may_download(self, loc: models.ModelLocation, asked: bool) -> bool:
+        """``models.may_download``; where the user must be asked, the question carries the
+        size the hub gives for the missing files (asked in a thread, bounded: the event
+        loop never waits on the network), else the variant's estimate."""
+        s = self.settings
+        try:
+            return models.may_download(loc, s.model_dir, s.state_dir, allow_download=s.allow_download, asked=asked)
+        except LofiError as e:
+            if not e.data.get("consent_required"):
+                raise
+        try:
+            size = await asyncio.wait_for(asyncio.to_thread(models.download_size, loc.missing),
+                                          models.HUB_QUERY_SEC + 1)
+        except TimeoutError:
+            size = None
+        raise models.missing_error(loc, s.model_dir, size)
 
     async def rpc_status(self, conn: Connection, params: list) -> dict:
         one_map(params, set())
