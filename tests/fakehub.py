@@ -9,8 +9,9 @@ It serves one folder, in the hub layout, as the model repo ``gabotechs/music_gen
   - small files (config, tokenizer): 200, ``ETag: "<git blob sha1>"``,
     ``X-Repo-Commit``, ``Content-Length``, ``Accept-Ranges``, Range -> 206.
   - LFS files (``*.onnx``, ``*.bin``, ...): 302 to ``/lfs-cdn/<sha256>`` on a second
-    server, the CDN (absolute ``Location`` to another origin, as the real CDN redirect:
-    huggingface_hub 1.x+ follows a redirect that stays on the hub's host) with ``X-Linked-Etag:
+    server, the CDN, named ``localhost`` (absolute ``Location`` to another host, as the
+    real CDN redirect: huggingface_hub 1.x+ follows a redirect that stays on the hub's
+    host, some releases comparing host names only) with ``X-Linked-Etag:
     "<sha256>"``, ``X-Linked-Size``, ``X-Repo-Commit``; the CDN answers GET/HEAD with
     Range support. ``get_hf_file_metadata`` takes etag/size from the X-Linked headers
     and downloads from ``Location``.
@@ -27,7 +28,8 @@ changing a served file gives a new commit, as a push would.
 Fault injection, settable at any time from the test thread:
 ``drop_after(path, nbytes, times=1)``, ``fail(path, status, times=None)``,
 ``fail_api(status, times=None)``, ``corrupt(path, times=None)``, ``rate`` (bytes per
-second per response, None = unthrottled), ``clear()``. ``requests`` logs every request;
+second per response, None = unthrottled), ``plain`` (True: files are served without the
+hub's headers, as a plain web server would), ``clear()``. ``requests`` logs every request;
 ``count(...)`` counts them.
 
 Environment caveat: huggingface_hub reads ``HF_ENDPOINT``, ``HF_HOME``,
@@ -117,6 +119,7 @@ class FakeHub:
         self.repo = repo
         self._commit = commit
         self.rate: float | None = None  # bytes/s per response
+        self.plain = False  # files without X-Repo-Commit / X-Linked-*: not a hub
         self.requests: list[dict] = []
         self._lock = threading.Lock()
         self._drops: dict[str, list] = {}  # path -> [nbytes, times_left|None]
@@ -156,8 +159,8 @@ class FakeHub:
 
     @property
     def cdn_url(self) -> str:
-        """The origin LFS downloads are redirected to."""
-        return self._url("cdn")
+        """Where LFS downloads are redirected: the CDN server, by another host name."""
+        return self._url("cdn").replace("127.0.0.1", "localhost")
 
     def _url(self, role: str) -> str:
         assert role in self._servers, "FakeHub not started"
@@ -234,6 +237,7 @@ class FakeHub:
             self._fails.clear()
             self._corrupt.clear()
             self.rate = None
+            self.plain = False
 
     def count(self, method: str | None = None, path: str | None = None, kind: str | None = None) -> int:
         """Requests seen, filtered by method, hub file path and kind
@@ -382,6 +386,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, "EntryNotFound", "Entry not found", "resolve", file)
         e = hub.entry(file)
         common = {"X-Repo-Commit": hub.commit, "Accept-Ranges": "bytes", "Vary": "Origin"}
+        if hub.plain:
+            return self._content(e, {"Accept-Ranges": "bytes"}, "resolve")
         if e.lfs:
             location = f"{hub.cdn_url}/lfs-cdn/{e.sha256}?file={urllib.parse.quote(file)}"
             self._log("resolve", file, 302)

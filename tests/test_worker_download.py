@@ -261,6 +261,15 @@ def test_http_5xx_on_file_then_the_hub_is_back(hub, home):
     assert "ok" in run(hub, home)[0]
 
 
+def test_an_endpoint_that_is_not_a_hub(hub, home):
+    hub.plain = True  # files served, but without X-Repo-Commit and the X-Linked headers
+    res, _ = run(hub, home)
+    err = res["error"]
+    assert err["code"] == MODEL_DOWNLOAD_FAILED
+    assert err["message"] == (f"{hub.url} answered for small/config.json without the file's hub metadata: it is "
+                              "not a Hugging Face hub (or a proxy strips its headers); check HF_ENDPOINT")
+
+
 def test_http_500_on_api(hub, home):
     hub.fail_api(500)
     res, _ = run(hub, home)

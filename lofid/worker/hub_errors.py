@@ -73,7 +73,7 @@ def download_error(
     if r is not None:
         data["file"] = r.path
     from huggingface_hub import constants
-    from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled
+    from huggingface_hub.errors import FileMetadataError, GatedRepoError, OfflineModeIsEnabled
 
     endpoint = constants.ENDPOINT
     chain = list(_chain(e))
@@ -95,6 +95,13 @@ def download_error(
     net = next((x for x in chain if isinstance(x, transport.network)), None)
     if net is not None:
         return _network_error(net, isinstance(net, transport.connect), r, file_done, what, endpoint, data)
+    if any(isinstance(x, FileMetadataError) for x in chain):
+        return LofiError(
+            MODEL_DOWNLOAD_FAILED,
+            f"{endpoint} answered for {what} without the file's hub metadata: it is not a Hugging Face "
+            "hub (or a proxy strips its headers); check HF_ENDPOINT",
+            **data,
+        )
     osr = next((x for x in chain if isinstance(x, OSError) and not isinstance(x, transport.base)), None)
     if osr is not None:
         return _storage_error(osr, r, what, cache, data)
