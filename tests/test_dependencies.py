@@ -136,13 +136,15 @@ def test_onnxruntime_and_onnxruntime_gpu_together_are_reported_with_the_fix(tmp_
     assert dependencies.GPU_FIX in " ".join(helped.stdout.split())
 
 
-def test_the_daemon_logs_the_two_builds_at_start(make_daemon, tmp_path, monkeypatch):
+def test_the_daemon_logs_the_two_builds_at_start_and_at_the_model_load(make_daemon, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(fake_site(tmp_path / "site", onnxruntime_gpu="1.32.0")))
-    daemon = make_daemon(device="cpu")
+    daemon = make_daemon(env=REAL_ENGINE, model_dir=FIXTURE_MODEL, device="cpu", variant="int8", threads=1)
     with daemon.client() as c:
-        c.call("status")
-    assert "onnxruntime-gpu 1.32.0 are both installed" in daemon.logs()
-    assert dependencies.GPU_FIX in daemon.logs()
+        assert "onnxruntime-gpu 1.32.0 are both installed" in daemon.logs()   # the broker, at start
+        r = c.call("generate", {"prompt": "two builds", "duration_sec": 5, "seed": 1})
+        assert c.wait_track(r["track_id"])["status"] == "complete"   # it warns, it does not refuse
+    warnings = [ln for ln in daemon.logs().splitlines() if "are both installed" in ln]
+    assert len(warnings) == 2 and all(dependencies.GPU_FIX in ln for ln in warnings)   # and the worker's load
 
 
 def test_one_build_gives_no_warning(make_daemon):
