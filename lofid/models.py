@@ -260,11 +260,12 @@ def missing_error(loc: ModelLocation, model_dir: Path | None, download_bytes: in
 
 
 def size_text(n: int) -> str:
-    """``n`` bytes for people: 1.0 GB, 9.2 MB, 812 kB."""
+    """``n`` bytes for people: 1.0 GB, 9.2 MB, 812 kB, 64 bytes (the Neovim plugin's
+    ``download_size`` writes the same)."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
-    return f"{n / 1e3:.0f} kB"
+    return f"{n / 1e3:.0f} kB" if n >= 1e3 else f"{n} bytes"
 
 
 def download_size(files: list[str], timeout: float = HUB_QUERY_SEC) -> int | None:

@@ -23,6 +23,7 @@ from conftest import ROOT, Daemon, make_fake_model, shutdown_daemon_at
 from lofictl.client import Client
 
 from lofid import rpc
+from lofid.models import size_text
 from lofid.variants import hub_files
 
 NVIM = os.environ.get("LOFI_TEST_NVIM") or shutil.which("nvim")  # LOFI_TEST_NVIM: another Neovim to test
@@ -317,7 +318,8 @@ def test_consent_flow_against_the_fake_hub(short_tmp, start_nvim):
             assert Path(track).is_file()
             asked = nvim.asked()
             assert [a["kind"] for a in asked] == ["select", "select"]
-            assert "int8 model (about 1.0 GB from gabotechs/music_gen)" in asked[1]["prompt"], asked
+            size = size_text(sum((served / f).stat().st_size for f in hub_files("int8")))  # the hub's
+            assert f"int8 model ({size} from gabotechs/music_gen)" in asked[1]["prompt"], asked
             assert asked[1]["items"][0].startswith("Download"), asked
             texts = nvim.texts()
             assert any("downloading the model" in t for t in texts), texts

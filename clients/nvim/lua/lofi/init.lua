@@ -301,7 +301,7 @@ local function ask_consent(err, cb)
   if M.state.download then -- a download is running already: wait for it
     return table.insert(M.state.download.waiters, cb)
   end
-  local size = err.download_bytes and string.format("about %.1f GB", err.download_bytes / 1e9) or "a large download"
+  local size = errors.download_size(err)
   local question = string.format("lofid needs the %s model (%s from %s). Download it now?",
     err.variant or "MusicGen", size, err.repo or "Hugging Face")
   local yes = "Download " .. size
