@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import lofid
-from lofid import config, paths
+from lofid import config, dependencies, paths
 from lofid.broker import systemd
 from lofid.broker.broker import Broker
 from lofid.broker.server import Server
@@ -33,8 +33,11 @@ EXIT_FAILURE = 1
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lofid",
-        description="The lofid daemon: generates music with MusicGen-small for clients on a Unix socket. "
-        "Runs in the foreground and logs to stderr, one line per event.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,   # the commands below stay whole
+        description="The lofid daemon: generates music with MusicGen-small for clients on a Unix\n"
+        "socket. Runs in the foreground and logs to stderr, one line per event.",
+        epilog="On an NVIDIA GPU lofid needs the CUDA build of onnxruntime in place of the CPU\n"
+        f"one that `pip install lofid` brings:\n  {dependencies.GPU_FIX}",
     )
     parser.add_argument("--version", action="version", version=f"lofid {lofid.__version__}")
     config.add_arguments(parser)
@@ -78,6 +81,8 @@ async def serve(settings: config.Settings, sock: socket.socket | None = None, so
     await server.start(sock)
     how = "the socket passed by systemd" if sock is not None else "its own socket"
     log.info("lofid %s listening on %s, %s (pid %d)", lofid.__version__, server.socket_path, how, os.getpid())
+    if conflict := dependencies.onnxruntime_conflict():
+        log.warning("%s", conflict)
     systemd.notify("READY=1")
     await broker.stopping.wait()
     log.info("shutting down")

@@ -17,7 +17,9 @@ Two sources of model files:
 
 Whether missing files may be downloaded is decided here too (``may_download``): never
 into a ``--model-dir``, and from the hub only with the user's consent, given once and
-remembered in the state dir.
+remembered in the state dir. The consent question says how big the download is: the
+hub's own sizes where it answers (``download_size``: metadata only, a few seconds at
+most), else the variant's estimate, labelled as such.
 
 huggingface_hub reads its environment variables once, when ``huggingface_hub.constants``
 is first imported. A process that wants other values must set them before its first
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -40,6 +43,9 @@ from lofid.variants import REPO, REVISION
 
 CONSENT_FILE = "download-consent.json"
 HASH_CACHE_FILE = "model-hashes.json"
+HUB_QUERY_SEC = 5.0  # the most the consent question waits for the hub's file sizes
+
+log = logging.getLogger("lofid.models")
 
 
 @dataclass(frozen=True)
@@ -236,19 +242,58 @@ def may_download(loc: ModelLocation, model_dir: Path | None, state_dir: Path | s
     raise missing_error(loc, model_dir)
 
 
-def missing_error(loc: ModelLocation, model_dir: Path | None) -> LofiError:
+def missing_error(loc: ModelLocation, model_dir: Path | None, download_bytes: int | None = None) -> LofiError:
     """MODEL_NOT_FOUND for the files ``loc`` misses: a ``--model-dir`` is never
     downloaded into; the hub's files need consent (``consent_required``, with the size
-    of the download: asking needs no network)."""
+    of the download: ``download_bytes`` as ``download_size`` gave it, or where that is
+    None the variant's estimate, with ``download_bytes_estimated``)."""
     if model_dir is not None:
         return LofiError(MODEL_NOT_FOUND, f"model files missing in {model_dir}: {', '.join(loc.missing)}",
                          variant=loc.variant, files=loc.missing)
-    size = variants.get(loc.variant).download_bytes
+    estimated = download_bytes is None
+    size = variants.get(loc.variant).download_bytes if estimated else download_bytes
+    how = f"about {size_text(size)} (estimate: the hub did not answer)" if estimated else size_text(size)
     return LofiError(MODEL_NOT_FOUND,
-                     f"the {loc.variant} model is not downloaded yet: about "
-                     f"{size / 1e9:.1f} GB from {REPO}; consent is needed",
+                     f"the {loc.variant} model is not downloaded yet: {how} from {REPO}; consent is needed",
                      consent_required=True, repo=REPO, variant=loc.variant, files=loc.missing,
-                     download_bytes=size)
+                     download_bytes=size, download_bytes_estimated=estimated)
+
+
+def size_text(n: int) -> str:
+    """``n`` bytes for people: 1.0 GB, 9.2 MB, 812 kB, 64 bytes (the Neovim plugin's
+    ``download_size`` writes the same)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1e3:.0f} kB" if n >= 1e3 else f"{n} bytes"
+
+
+def download_size(files: list[str], timeout: float = HUB_QUERY_SEC) -> int | None:
+    """The bytes the hub holds for ``files`` (hub paths) at ``REVISION``: one HEAD request
+    each, metadata only, nothing downloaded. None where the hub does not answer them all
+    within ``timeout`` seconds: ``HF_HUB_OFFLINE``, no network, an HTTP error. It blocks:
+    the broker runs it in a thread."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    deadline = time.monotonic() + timeout
+    total = 0
+    for f in files:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            log.info("no download size from the hub: it took over %.0f s", timeout)
+            return None
+        try:
+            size = get_hf_file_metadata(hf_hub_url(REPO, f, revision=REVISION), timeout=left).size
+        except Exception as e:  # noqa: BLE001 - any failure to answer leaves the estimate
+            log.info("no download size from the hub for %s: %s", f, str(e).splitlines()[0] if str(e) else
+                     type(e).__name__)
+            return None
+        if size is None:
+            return None
+        total += size
+    return total
 
 
 def consent_given(state_dir: Path | str) -> bool:

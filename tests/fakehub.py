@@ -2,14 +2,16 @@
 against it unchanged, selected with ``HF_ENDPOINT``.
 
 It serves one folder, in the hub layout, as the model repo ``gabotechs/music_gen``
-(branch ``main``), speaking what huggingface_hub 0.x uses (read from its
-``file_download.py`` / ``hf_api.py``):
+(branch ``main``), speaking what huggingface_hub 0.x, 1.x and 2.x use (read from their
+``file_download.py`` / ``hf_api.py`` / ``utils/_http.py``):
 
 * ``HEAD|GET /{repo}/resolve/{main|commit}/{path}``
   - small files (config, tokenizer): 200, ``ETag: "<git blob sha1>"``,
     ``X-Repo-Commit``, ``Content-Length``, ``Accept-Ranges``, Range -> 206.
-  - LFS files (``*.onnx``, ``*.bin``, ...): 302 to ``/lfs-cdn/<sha256>`` on the same
-    server (absolute ``Location``, as the real CDN redirect) with ``X-Linked-Etag:
+  - LFS files (``*.onnx``, ``*.bin``, ...): 302 to ``/lfs-cdn/<sha256>`` on a second
+    server, the CDN, named ``localhost`` (absolute ``Location`` to another host, as the
+    real CDN redirect: huggingface_hub 1.x+ follows a redirect that stays on the hub's
+    host, some releases comparing host names only) with ``X-Linked-Etag:
     "<sha256>"``, ``X-Linked-Size``, ``X-Repo-Commit``; the CDN answers GET/HEAD with
     Range support. ``get_hf_file_metadata`` takes etag/size from the X-Linked headers
     and downloads from ``Location``.
@@ -26,7 +28,8 @@ changing a served file gives a new commit, as a push would.
 Fault injection, settable at any time from the test thread:
 ``drop_after(path, nbytes, times=1)``, ``fail(path, status, times=None)``,
 ``fail_api(status, times=None)``, ``corrupt(path, times=None)``, ``rate`` (bytes per
-second per response, None = unthrottled), ``clear()``. ``requests`` logs every request;
+second per response, None = unthrottled), ``plain`` (True: files are served without the
+hub's headers, as a plain web server would), ``clear()``. ``requests`` logs every request;
 ``count(...)`` counts them.
 
 Environment caveat: huggingface_hub reads ``HF_ENDPOINT``, ``HF_HOME``,
@@ -116,29 +119,32 @@ class FakeHub:
         self.repo = repo
         self._commit = commit
         self.rate: float | None = None  # bytes/s per response
+        self.plain = False  # files without X-Repo-Commit / X-Linked-*: not a hub
         self.requests: list[dict] = []
         self._lock = threading.Lock()
         self._drops: dict[str, list] = {}  # path -> [nbytes, times_left|None]
         self._fails: dict[str, list] = {}  # path -> [status, times_left|None]
         self._corrupt: dict[str, list] = {}  # path -> [times_left|None]
         self._meta: dict[str, tuple] = {}
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        # "hub": the endpoint (HF_ENDPOINT); "cdn": where LFS files are redirected, another
+        # origin as the real CDN is (huggingface_hub 1.x+ follows a redirect to its own host)
+        self._servers: dict[str, ThreadingHTTPServer] = {}
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> FakeHub:
         handler = type("Handler", (_Handler,), {"hub": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fakehub", daemon=True)
-        self._thread.start()
+        for role in ("hub", "cdn"):
+            server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+            server.daemon_threads = True
+            threading.Thread(target=server.serve_forever, name=f"fakehub-{role}", daemon=True).start()
+            self._servers[role] = server
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        for server in self._servers.values():
+            server.shutdown()
+            server.server_close()
+        self._servers.clear()
 
     def __enter__(self) -> FakeHub:  # noqa: PYI034
         return self.start()
@@ -148,8 +154,17 @@ class FakeHub:
 
     @property
     def url(self) -> str:
-        assert self._server is not None, "FakeHub not started"
-        host, port = self._server.server_address[:2]
+        """The hub's endpoint (HF_ENDPOINT)."""
+        return self._url("hub")
+
+    @property
+    def cdn_url(self) -> str:
+        """Where LFS downloads are redirected: the CDN server, by another host name."""
+        return self._url("cdn").replace("127.0.0.1", "localhost")
+
+    def _url(self, role: str) -> str:
+        assert role in self._servers, "FakeHub not started"
+        host, port = self._servers[role].server_address[:2]
         return f"http://{host}:{port}"
 
     def env(self, hf_home: Path | str, *, offline: bool = False, base: dict | None = None) -> dict:
@@ -222,6 +237,7 @@ class FakeHub:
             self._fails.clear()
             self._corrupt.clear()
             self.rate = None
+            self.plain = False
 
     def count(self, method: str | None = None, path: str | None = None, kind: str | None = None) -> int:
         """Requests seen, filtered by method, hub file path and kind
@@ -370,9 +386,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, "EntryNotFound", "Entry not found", "resolve", file)
         e = hub.entry(file)
         common = {"X-Repo-Commit": hub.commit, "Accept-Ranges": "bytes", "Vary": "Origin"}
+        if hub.plain:
+            return self._content(e, {"Accept-Ranges": "bytes"}, "resolve")
         if e.lfs:
-            host, port = self.server.server_address[:2]
-            location = f"http://{host}:{port}/lfs-cdn/{e.sha256}?file={urllib.parse.quote(file)}"
+            location = f"{hub.cdn_url}/lfs-cdn/{e.sha256}?file={urllib.parse.quote(file)}"
             self._log("resolve", file, 302)
             self._send(
                 302,

@@ -28,6 +28,7 @@ from nvim.editor import (
 )
 
 from lofid import rpc
+from lofid.models import size_text
 from lofid.variants import hub_files
 
 pytestmark = needs_nvim
@@ -202,7 +203,8 @@ def test_consent_flow_against_the_fake_hub(short_tmp, start_nvim):
             assert Path(track).is_file()
             asked = nvim.asked()
             assert [a["kind"] for a in asked] == ["select", "select"]
-            assert asked[1]["prompt"] == "lofi: download the int8 model (1.0 GB from gabotechs/music_gen)?", asked
+            size = size_text(sum((served / f).stat().st_size for f in hub_files("int8")))  # the hub's
+            assert f"int8 model ({size} from gabotechs/music_gen)" in asked[1]["prompt"], asked
             assert asked[1]["items"][0].startswith("Download"), asked
             texts = nvim.texts()
             assert any("downloading the model" in t for t in texts), texts

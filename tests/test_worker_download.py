@@ -10,6 +10,7 @@ explicit hub_cache, and once in the subprocess to show the environment is honour
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import socket
@@ -177,6 +178,15 @@ def test_shared_files_reused_and_force(hub, home):
     assert "ok" in res and hub.count("GET") - gets == 5
 
 
+def hub_keeps_partial_files() -> bool:
+    """huggingface_hub before 1.18 keeps ``<etag>.incomplete`` after a failed download and
+    resumes from it; later releases download into a file of their own per call and remove
+    it when the download fails."""
+    import huggingface_hub
+
+    return tuple(int(x) for x in huggingface_hub.__version__.split(".")[:2]) < (1, 18)
+
+
 def test_connection_drop_mid_file_then_resume(hub, home, served):
     from huggingface_hub.constants import DOWNLOAD_CHUNK_SIZE as CHUNK  # 10 MB
 
@@ -188,26 +198,28 @@ def test_connection_drop_mid_file_then_resume(hub, home, served):
     res, events = run(hub, home)
     err = res["error"]
     assert err["code"] == MODEL_DOWNLOAD_FAILED and err["file"] == f
-    assert err["message"] == (
-        f"the connection to {hub.url} broke while downloading {f} (10.5 MB of 12.0 MB kept); "
-        "run the download again to resume"
-    )
-    # nothing under a final name: no snapshot entry, no blob, only the .incomplete
+    broke = f"the connection to {hub.url} broke while downloading {f}"
+    blobs = cache_of(home) / STORAGE / "blobs"
+    partial = list(blobs.glob("*.incomplete"))
+    if hub_keeps_partial_files():
+        assert err["message"] == f"{broke} (10.5 MB of 12.0 MB kept); run the download again to resume"
+        assert len(partial) == 1 and partial[0].stat().st_size == CHUNK
+    else:  # nothing kept, and the sentence promises nothing
+        assert err["message"] == f"{broke}; run the download again"
+        assert partial == []
+    # nothing under a final name: no snapshot entry, no blob
     assert not any(p.name == "decoder_model.onnx" for p in snapshot_files(home))
     loc = models.locate("fp16", None, hub_cache=cache_of(home))
     assert f in loc.missing
-    blobs = cache_of(home) / STORAGE / "blobs"
-    partial = list(blobs.glob("*.incomplete"))
-    assert len(partial) == 1 and partial[0].stat().st_size == CHUNK
-    assert not (blobs / partial[0].name.removesuffix(".incomplete")).exists()
+    assert not (blobs / hashlib.sha256((served / f).read_bytes()).hexdigest()).exists()
     assert events and events[-1]["percent"] < 100
 
     hub.clear()
     res, events = run(hub, home)
     assert "ok" in res, res
-    # resumed with a Range request from the partial size
     ranges = [r["range"] for r in hub.requests if r["file"] == f and r["method"] == "GET"]
-    assert ranges[-1] == f"bytes={CHUNK}-"
+    # resumed with a Range request from the partial size, or fetched whole
+    assert ranges[-1] == (f"bytes={CHUNK}-" if partial else None)
     loc = models.locate("fp16", None, hub_cache=cache_of(home))
     assert loc.complete and loc.path(f).read_bytes() == (served / f).read_bytes()
     assert loc.path(f).stat().st_size == size
@@ -233,20 +245,29 @@ def test_file_absent_from_hub(hub, home, served):
     assert "small_fp16/encodec_decode.onnx" in res["error"]["message"]
 
 
-def test_http_500_on_file(hub, home):
+def test_http_5xx_on_file_then_the_hub_is_back(hub, home):
+    """Whether and how often huggingface_hub retries a 5xx itself depends on its release
+    (up to 0.35, and in 1.0, a 5xx on a file's metadata is not retried; 0.36 and the 2.x
+    line retry it): what lofid promises is the sentence, and the next run once the hub is
+    back."""
     f = "small/tokenizer.json"
-    hub.fail(f, 500)  # persistent: huggingface_hub retries, then gives up
+    hub.fail(f, 503)  # persistent: whatever the retries, they all fail
     res, _ = run(hub, home, LOFID_TEST_FAST_RETRY=1)
     err = res["error"]
+    assert err["code"] == MODEL_DOWNLOAD_FAILED and err["status"] == 503
+    assert "503" in err["message"] and f in err["message"] and "try again later" in err["message"]
+    assert hub.count("HEAD", f) >= 1
+    hub.clear()
+    assert "ok" in run(hub, home)[0]
+
+
+def test_an_endpoint_that_is_not_a_hub(hub, home):
+    hub.plain = True  # files served, but without X-Repo-Commit and the X-Linked headers
+    res, _ = run(hub, home)
+    err = res["error"]
     assert err["code"] == MODEL_DOWNLOAD_FAILED
-    assert "500" in err["message"] and f in err["message"] and "try again later" in err["message"]
-    assert hub.count("HEAD", f) > 1  # the real backoff-and-retry ran
-
-
-def test_http_500_transient_is_retried(hub, home):
-    hub.fail("small/config.json", 500, times=1)
-    res, _ = run(hub, home, LOFID_TEST_FAST_RETRY=1)
-    assert "ok" in res, res
+    assert err["message"] == (f"{hub.url} answered for small/config.json without the file's hub metadata: it is "
+                              "not a Hugging Face hub (or a proxy strips its headers); check HF_ENDPOINT")
 
 
 def test_http_500_on_api(hub, home):

@@ -288,9 +288,7 @@ class Broker:
                     "path": record["path"]}
         job = self.queue.find(tid)
         if job is None:
-            s = self.settings
-            allow = models.may_download(loc, s.model_dir, s.state_dir, allow_download=s.allow_download,
-                                        asked=req["allow_download"])
+            allow = await self.may_download(loc, req["allow_download"])
             job = Job(tid, req["prompt"], req["duration_sec"], req["seed"], self.cache.wav_path(tid),
                       req["priority"], allow_download=allow)
             position = self.queue.push(job)
@@ -308,6 +306,23 @@ class Broker:
         """The sampling settings: part of every track id and record (they change the audio)."""
         s = self.settings
         return {"top_k": s.top_k, "temperature": s.temperature, "guidance_scale": s.guidance_scale}
+
+    async def may_download(self, loc: models.ModelLocation, asked: bool) -> bool:
+        """``models.may_download``; where the user must be asked, the question carries the
+        size the hub gives for the missing files (asked in a thread, bounded: the event
+        loop never waits on the network), else the variant's estimate."""
+        s = self.settings
+        try:
+            return models.may_download(loc, s.model_dir, s.state_dir, allow_download=s.allow_download, asked=asked)
+        except LofiError as e:
+            if not e.data.get("consent_required"):
+                raise
+        try:
+            size = await asyncio.wait_for(asyncio.to_thread(models.download_size, loc.missing),
+                                          models.HUB_QUERY_SEC + 1)
+        except TimeoutError:
+            size = None
+        raise models.missing_error(loc, s.model_dir, size)
 
     async def rpc_status(self, conn: Connection, params: list) -> dict:
         one_map(params, set())

@@ -10,6 +10,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lofid.dependencies import GPU_FIX
 from lofid.devices import DEVICES
 from lofid.errors import MODEL_LOAD_FAILED, LofiError
 
@@ -17,9 +18,8 @@ CPU = "CPUExecutionProvider"
 PROVIDER = {"cuda": "CUDAExecutionProvider", "metal": "CoreMLExecutionProvider", "cpu": CPU}
 AUTO_ORDER = ("cuda", "metal", "cpu")
 INSTALL_HINT = {
-    "cuda": "install the CUDA build of onnxruntime (`pip uninstall onnxruntime && "
-            "pip install onnxruntime-gpu`) with a CUDA 12 runtime and cuDNN 9, and an "
-            "NVIDIA driver",
+    "cuda": f"install the CUDA build of onnxruntime in place of the CPU one (`{GPU_FIX}`) "
+            "with a CUDA 12 runtime and cuDNN 9, and an NVIDIA driver",
     "metal": "use macOS on Apple silicon with the standard `onnxruntime` wheel, which "
              "ships the CoreML execution provider",
 }

@@ -4,17 +4,16 @@ Every file goes through ``huggingface_hub.hf_hub_download`` into the standard ca
 (lofid/models.py finds them there); its progress is watched from the outside
 (``_download_one`` says how), each file is checked against the hub's size and hashes,
 and every failure becomes one clear MODEL_DOWNLOAD_FAILED sentence
-(``download_error``). Only the worker downloads: the broker decides the consent
+(``hub_errors.download_error``). Only the worker downloads: the broker decides the consent
 (``models.may_download``).
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from lofid import variants
 from lofid.errors import MODEL_DOWNLOAD_FAILED, LofiError
 from lofid.models import ModelLocation, hash_file, hub_cache_dir, hub_storage, locate, sha256_file
 from lofid.variants import REPO, REVISION
+from lofid.worker.hub_errors import download_error
 
 Progress = Callable[[dict], None]
 
@@ -88,7 +88,7 @@ def download(
     """Fetch the variant's files into the Hugging Face cache; returns where they are.
 
     Every file goes through ``hf_hub_download`` (revision ``main``), which does the
-    HEAD/etag/commit dance, the ``.incomplete`` temporary file, resuming, locking and the
+    HEAD/etag/commit dance, the ``.incomplete`` temporary file, retries, locking and the
     size check. A variant that is already complete (and ``force`` is false) returns at
     once without touching the network. ``force`` re-downloads every file.
 
@@ -97,7 +97,8 @@ def download(
     the ``bytes_*`` and ``percent`` are overall (never decreasing, 100 only at the end).
 
     Any failure raises ``LofiError(MODEL_DOWNLOAD_FAILED, one clear sentence)``; nothing is
-    left under a final name, and the next call resumes from the ``.incomplete`` file.
+    left under a final name. Where huggingface_hub keeps the partial file (``<etag>.incomplete``,
+    before 1.18) the next call resumes from it, and the sentence says how much was kept.
     """
     from huggingface_hub import constants
 
@@ -174,20 +175,19 @@ class _Reporter:
 def _download_one(variant, r: Remote, cache: Path, storage: Path, force, reporter, done, poll):
     """Run hf_hub_download for one file in a helper thread and watch its bytes arrive.
 
-    How progress is observed: huggingface_hub 0.x's ``hf_hub_download`` takes no
-    progress callback or ``tqdm_class`` (only ``snapshot_download`` does, and there it
-    counts files, not bytes); patching its private tqdm plumbing would break with the
-    next release. What is stable and public is the cache layout: the file streams into
-    ``blobs/<etag>.incomplete`` (etag = the LFS sha256, or the git blob id for small
-    files, both given by the paths-info call), opened in append mode, renamed when
-    complete. So the caller's thread polls the size of that file while a helper thread
-    runs the real download. This sees resumed bytes too, costs one stat() per poll,
-    and keeps every progress callback in the caller's thread.
+    How progress is observed: ``hf_hub_download`` takes no progress callback, and a
+    ``tqdm_class`` only from huggingface_hub 1.x on; patching its private tqdm plumbing
+    would break with the next release. What is stable and public is the cache layout: the
+    file streams into a partial file in ``blobs/`` named after its etag (the LFS sha256,
+    or the git blob id for small files, both given by the paths-info call;
+    ``_partial_size`` names them), renamed when complete. So the caller's thread polls the
+    size of that file while a helper thread runs the real download. This sees resumed
+    bytes too, costs a stat() or two per poll, and keeps every progress callback in the
+    caller's thread.
     """
     from huggingface_hub import hf_hub_download
 
     blobs = storage / "blobs"
-    incomplete = blobs / f"{r.etag}.incomplete" if r.etag else None
     started = time.time()
     fresh = force or not _cached_file_ok(cache, r)
     result: dict = {}
@@ -208,17 +208,16 @@ def _download_one(variant, r: Remote, cache: Path, storage: Path, force, reporte
         t.join(poll)
         if not t.is_alive():
             break
-        size = _incomplete_size(incomplete, blobs, started)
+        size = _partial_size(blobs, r.etag)
+        if size is None:
+            size = _newest_partial_size(blobs, started)
         if size is not None and size != file_done:
             file_done = min(size, r.size)
             reporter.emit(r.path, done + file_done, file_done, r.size)
     if "error" in result:
         e = result["error"]
-        try:
-            file_done = incomplete.stat().st_size if incomplete is not None else file_done
-        except OSError:
-            pass
-        raise download_error(e, variant, r, file_done, cache) from e
+        kept = _partial_size(blobs, r.etag) or 0   # what the next call can resume from
+        raise download_error(e, variant, r, kept, cache) from e
     path = Path(result["path"])
     _verify(variant, r, path, storage, fresh)
     _clear_no_exist(storage, path)
@@ -238,14 +237,29 @@ def _clear_no_exist(storage: Path, path: Path) -> None:
         pass
 
 
-def _incomplete_size(incomplete: Path | None, blobs: Path, since: float) -> int | None:
+def _partial_size(blobs: Path, etag: str | None) -> int | None:
+    """Bytes of the partial file of blob ``etag`` in ``blobs``, None when there is none:
+    ``<etag>.incomplete`` (huggingface_hub before 1.18: kept after a failure, and
+    resumed), else the largest ``<etag>.<id>.incomplete`` (later releases: one per
+    download, removed when it fails)."""
+    if not etag:
+        return None
     try:
-        if incomplete is not None:
-            return incomplete.stat().st_size
+        return (blobs / f"{etag}.incomplete").stat().st_size
     except OSError:
         pass
-    # Fallback when the etag guess misses (e.g. a hub that names blobs differently):
-    # the .incomplete file written since this file's download started.
+    sizes = []
+    for p in blobs.glob(f"{etag}.*.incomplete"):
+        try:
+            sizes.append(p.stat().st_size)
+        except OSError:
+            pass
+    return max(sizes, default=None)
+
+
+def _newest_partial_size(blobs: Path, since: float) -> int | None:
+    """Fallback when the etag misses (e.g. a hub that names blobs differently): the size
+    of the .incomplete file written last since ``since``."""
     try:
         best = None
         for p in blobs.glob("*.incomplete"):
@@ -305,135 +319,3 @@ def _git_blob_sha1(path: Path) -> str:
     h = hashlib.sha1()
     h.update(b"blob %d\0" % path.stat().st_size)
     return hash_file(h, path)
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n} bytes"
-
-
-def _chain(e: BaseException) -> Iterable[BaseException]:
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield e
-        e = e.__cause__ or e.__context__
-
-
-def download_error(
-    e: BaseException,
-    variant: str,
-    r: Remote | None,
-    file_done: int = 0,
-    cache: Path | None = None,
-) -> LofiError:
-    """One clear sentence for any failure of a download (MODEL_DOWNLOAD_FAILED): ``e``
-    while fetching ``r`` (None: the file list) of ``variant``, ``file_done`` bytes of it
-    kept, into the hub cache ``cache``."""
-    if isinstance(e, LofiError):
-        return e
-    what = r.path if r is not None else f"the file list of {variant}"
-    data = {"repo": REPO, "variant": variant}
-    if r is not None:
-        data["file"] = r.path
-    try:
-        import requests
-        from huggingface_hub import constants
-        from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled
-    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
-        return LofiError(MODEL_DOWNLOAD_FAILED, f"downloading {what} failed: {e}", **data)
-    endpoint = constants.ENDPOINT
-    chain = list(_chain(e))
-    if any(isinstance(x, OfflineModeIsEnabled) for x in chain) or constants.HF_HUB_OFFLINE:
-        return LofiError(
-            MODEL_DOWNLOAD_FAILED,
-            f"HF_HUB_OFFLINE is set, so {what} cannot be downloaded from {REPO}; "
-            "unset HF_HUB_OFFLINE or use --model-dir",
-            offline=True,
-            **data,
-        )
-    # The HTTP answer, if any, comes first. (LocalEntryNotFoundError subclasses
-    # EntryNotFoundError but means "could not ask the hub": its cause tells why.)
-    http = next((x for x in chain if getattr(getattr(x, "response", None), "status_code", None)), None)
-    status = http.response.status_code if http is not None else None
-    if status is not None or any(isinstance(x, GatedRepoError) for x in chain):
-        return _http_error(chain, status, what, endpoint, data)
-    net = next((x for x in chain if isinstance(
-        x, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError))), None)
-    if net is not None:
-        return _network_error(net, r, file_done, what, endpoint, data)
-    osr = next((x for x in chain if isinstance(x, OSError) and not isinstance(x, requests.RequestException)), None)
-    if osr is not None:
-        return _storage_error(osr, r, what, cache, data)
-    return LofiError(
-        MODEL_DOWNLOAD_FAILED,
-        f"downloading {what} from {endpoint} failed: {type(e).__name__}: {e}",
-        **data,
-    )
-
-
-def _http_error(chain: list[BaseException], status: int | None, what: str, endpoint: str,
-                data: dict) -> LofiError:
-    """The hub refused: gated, or an HTTP error ``status``."""
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
-    def seen(kind) -> bool:
-        return any(isinstance(x, kind) for x in chain)
-
-    if seen(GatedRepoError):
-        return LofiError(
-            MODEL_DOWNLOAD_FAILED, f"{REPO} on {endpoint} is gated: access to {what} was refused", status=status, **data
-        )
-    if status == 404:
-        if seen(RepositoryNotFoundError):
-            msg = f"the repository {REPO} was not found on {endpoint} (HTTP 404)"
-        elif seen(RevisionNotFoundError):
-            msg = f"{REPO} on {endpoint} has no branch {REVISION} (HTTP 404)"
-        else:
-            msg = f"{REPO} on {endpoint} has no file {what} (HTTP 404)"
-        return LofiError(MODEL_DOWNLOAD_FAILED, msg, status=404, **data)
-    hint = "try again later" if status >= 500 else "check HF_ENDPOINT and your token"
-    return LofiError(
-        MODEL_DOWNLOAD_FAILED,
-        f"the hub at {endpoint} answered HTTP {status} for {what} of {REPO}; {hint}",
-        status=status,
-        **data,
-    )
-
-
-def _network_error(net: BaseException, r: Remote | None, file_done: int, what: str, endpoint: str,
-                   data: dict) -> LofiError:
-    """The connection failed (``net``): before anything came, or in the middle of a file."""
-    import requests
-
-    if r is None or (not file_done and isinstance(net, requests.ConnectionError)):
-        return LofiError(
-            MODEL_DOWNLOAD_FAILED,
-            f"could not reach the hub at {endpoint} for {what} ({type(net).__name__}); "
-            "check the network (or HF_ENDPOINT) and try again",
-            **data,
-        )
-    kept = f" ({_mb(file_done)} of {_mb(r.size)} kept)" if file_done else ""
-    return LofiError(
-        MODEL_DOWNLOAD_FAILED,
-        f"the connection to {endpoint} broke while downloading {what}{kept}; run the download again to resume",
-        **data,
-    )
-
-
-def _storage_error(osr: OSError, r: Remote | None, what: str, cache: Path | None, data: dict) -> LofiError:
-    """Writing into the cache failed (``osr``): a full disk, a cut transfer, anything else."""
-    place = str(cache) if cache is not None else "the Hugging Face cache"
-    if osr.errno in (errno.ENOSPC, errno.EDQUOT):
-        need = f" ({_mb(r.size)} needed)" if r is not None else ""
-        return LofiError(
-            MODEL_DOWNLOAD_FAILED,
-            f"no space left to write {what} in {place}{need}: {osr.strerror or osr}",
-            **data,
-        )
-    if "Consistency check failed" in str(osr):
-        return LofiError(
-            MODEL_DOWNLOAD_FAILED,
-            f"{what} arrived with the wrong size (the connection was probably cut); run the download again",
-            **data,
-        )
-    return LofiError(MODEL_DOWNLOAD_FAILED, f"could not write {what} in {place}: {osr.strerror or osr}", **data)

@@ -92,8 +92,10 @@ class Worker:
         loc = models.locate(s.variant, s.model_dir, hash_cache_dir=s.state_dir)
         if not loc.missing:
             return loc
-        if not allow_download or s.model_dir is not None:
+        if s.model_dir is not None:
             raise models.missing_error(loc, s.model_dir)
+        if not allow_download:
+            raise models.missing_error(loc, None, models.download_size(loc.missing))
         return self._download(s.variant, force=False)
 
     def _download(self, variant: str, force: bool):

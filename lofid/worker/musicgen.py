@@ -31,7 +31,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from lofid import variants
+from lofid import dependencies, variants
 from lofid.errors import (
     INVALID_DURATION,
     INVALID_PARAMS,
@@ -137,6 +137,9 @@ class MusicGen:
         MODEL_LOAD_FAILED (unreadable/corrupt files, unavailable device).
         """
         start = time.perf_counter()
+        dependencies.require("onnxruntime", "onnx", "numpy", "tokenizers")
+        if conflict := dependencies.onnxruntime_conflict():
+            log.warning("%s", conflict)
         root = Path(root)
         freed = cache.prune_optimized()
         if freed:
@@ -157,11 +160,7 @@ class MusicGen:
         choice = select(device, ort.get_available_providers())
         n_threads = resolve_threads(threads)
         config = ModelConfig.from_file(root / CONFIG)
-        try:
-            tokenizer = Tokenizer.from_file(str(root / TOKENIZER))
-        except Exception as e:
-            raise LofiError(MODEL_LOAD_FAILED, f"cannot load {root / TOKENIZER}: {e}; "
-                            f"{REPAIR}", file=TOKENIZER) from e
+        tokenizer = sessions.open_tokenizer(root, TOKENIZER)
         opened, calibrate = _open_sessions(root, variant, spec, choice, n_threads, config,
                                            share_kv)
         device_used = _device_used(opened["decoder"], device, choice)

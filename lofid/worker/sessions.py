@@ -1,7 +1,9 @@
-"""onnxruntime sessions: their options per role, opening them, running them.
+"""onnxruntime sessions: their options per role, opening them, running them; and the
+tokenizer beside them.
 
 Every onnxruntime failure becomes a LofiError with a code: a file that cannot be loaded
-MODEL_LOAD_FAILED (``open_session``), a failed run MODEL_INFERENCE_FAILED (``guard``).
+MODEL_LOAD_FAILED (``open_session``, ``open_tokenizer``), a failed run
+MODEL_INFERENCE_FAILED (``guard``).
 All session options come from ``options``, so a benchmark can wrap
 ``session_options`` here (profiling, spinning) for every session the engine opens.
 """
@@ -10,11 +12,13 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import onnxruntime as ort
+import tokenizers
 
 from lofid.errors import MODEL_INFERENCE_FAILED, MODEL_LOAD_FAILED, LofiError
 from lofid.worker.device import session_options
@@ -57,6 +61,34 @@ def open_session(root: Path, rel: str, opts, providers: list) -> ort.InferenceSe
         raise LofiError(MODEL_LOAD_FAILED, f"onnxruntime cannot load {rel} "
                         f"({first_line}); the file may be truncated or corrupt: "
                         f"{REPAIR}", file=rel) from e
+
+
+def open_tokenizer(root: Path, rel: str) -> tokenizers.Tokenizer:
+    """The tokenizer ``root / rel``; MODEL_LOAD_FAILED where it cannot be read. A
+    well-formed tokenizer file (JSON with its ``model``) that this tokenizers rejects was
+    written by a newer tokenizers: the error then names the package and its version
+    instead of blaming the file."""
+    path = root / rel
+    try:
+        return tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:
+        problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not _tokenizer_shaped(path):
+            raise LofiError(MODEL_LOAD_FAILED, f"cannot load {path}: {problem}; {REPAIR}",
+                            file=rel) from e
+        raise LofiError(MODEL_LOAD_FAILED, f"tokenizers {tokenizers.__version__} cannot read "
+                        f"{path} ({problem}), a well-formed tokenizer file: it needs a newer "
+                        "tokenizers: pip install -U tokenizers", file=rel, package="tokenizers",
+                        version=tokenizers.__version__) from e
+
+
+def _tokenizer_shaped(path: Path) -> bool:
+    """Whether ``path`` is JSON of a tokenizer's shape (an object with a ``model`` object)."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("model"), dict)
 
 
 def upcast_session(root: Path, rel: str, opts, providers: list) -> ort.InferenceSession | None:

@@ -11,7 +11,7 @@ from lofictl import service
 from lofictl.client import Disconnected
 from lofictl.connect import cli_flags, running, stop, warn_if_settings_differ
 from lofictl.output import SERVICE_FAILED, CliError, emit, human_bytes, note
-from lofid import config
+from lofid import config, dependencies
 from lofid.errors import LofiError
 
 
@@ -36,8 +36,10 @@ def cmd_config(args, settings) -> int:
                  if status is None else "# the running lofid does not report its settings: this shell's")
     values = shown_settings.to_dict()
     where = paths_of(shown_settings)
+    warnings = [w for w in (dependencies.onnxruntime_conflict(),) if w]
     if args.json:
-        emit(args, {"settings": values, "sources": sources, "paths": where, "daemon": daemon}, "")
+        emit(args, {"settings": values, "sources": sources, "paths": where, "daemon": daemon,
+                    "warnings": warnings}, "")
         return 0
     width = max(map(len, values))
     lines = [title, "# defaults < config file < environment (LOFID_*) < flags"]
@@ -49,6 +51,8 @@ def cmd_config(args, settings) -> int:
     lines.append("# paths")
     pwidth = max(map(len, where))
     lines += [f"{name:<{pwidth}}  {path}" for name, path in where.items()]
+    if warnings:
+        lines += ["", "# warnings (this Python's packages)", *warnings]
     emit(args, None, "\n".join(lines))
     return 0
 

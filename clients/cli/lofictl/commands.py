@@ -36,6 +36,8 @@ PREPARING = "the {variant} model for this machine (once per variant; up to a min
 
 def ask_consent(err: LofiError, yes: bool) -> bool:
     size = human_bytes(err.data.get("download_bytes"))
+    if err.data.get("download_bytes_estimated"):
+        size = f"about {size} (an estimate: the hub did not answer)"
     question = f"Download {size} of model files from {err.data.get('repo', 'gabotechs/music_gen')}? [y/N] "
     if yes:
         return True

@@ -60,7 +60,7 @@ M.ask = function(err, cb)
     return table.insert(asking, cb)
   end
   asking = { cb }
-  local size = err.download_bytes and string.format("%.1f GB", err.download_bytes / 1e9) or "a large download"
+  local size = errors.download_size(err)
   local model = string.format("the %s model", err.variant or "MusicGen")
   local question = string.format("download %s (%s from %s)?", model, size, err.repo or "Hugging Face")
   local short = string.format("download %s (%s)?", model, size)

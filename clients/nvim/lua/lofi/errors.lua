@@ -73,6 +73,20 @@ M.level_for_code = function(code)
   end
 end
 
+--- MODEL_NOT_FOUND's download size for people, as lofid's models.size_text writes it
+--- ("548 kB", "1.0 GB"); "about 1.0 GB, an estimate" where the hub did not answer.
+M.download_size = function(err)
+  local n = tonumber(err.download_bytes)
+  if not n then
+    return "a large download"
+  end
+  local text = n >= 1e9 and string.format("%.1f GB", n / 1e9)
+    or n >= 1e6 and string.format("%.1f MB", n / 1e6)
+    or n >= 1e3 and string.format("%.0f kB", n / 1e3)
+    or string.format("%d bytes", n)
+  return err.download_bytes_estimated == true and ("about " .. text .. ", an estimate") or text
+end
+
 --- "CODE: sentence", the one way errors are shown.
 M.format = function(err)
   return string.format("%s: %s", err.code or "INTERNAL", err.message or "(no message)")
