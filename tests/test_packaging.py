@@ -20,8 +20,8 @@ def test_the_license_setup_cfg_promises_is_there():
 
 def test_ci_run_survives_a_failing_apt_get(tmp_path):
     """apt-get cannot install (offline mirror, no sudo): .ci/run says what that costs and
-    goes on to install the package and run the tests, then the floors run (a recording
-    python3 stands in, and for the floors venv's python too)."""
+    goes on to install the package, run the floors, then README's test command last (a
+    recording python3 stands in, and for the floors venv's python too)."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
     log = tmp_path / "calls.log"
@@ -38,9 +38,8 @@ def test_ci_run_survives_a_failing_apt_get(tmp_path):
     assert ".ci/run: apt-get install neovim systemd failed" in r.stderr and "tests/test_nvim.py" in r.stderr
     calls = Path(log).read_text().splitlines()
     assert any(c.startswith(("apt-get install", "sudo apt-get install")) for c in calls)
-    main = calls.index("python3 -m pytest -q")  # README's test command, exactly
-    floors = calls[main + 1:]
-    assert floors[0].startswith("python3 -m venv ")
+    assert calls[-1] == "python3 -m pytest -q"  # README's test command, exactly, and last
+    floors = calls[next(i for i, c in enumerate(calls) if c.startswith("python3 -m venv ")):-1]
     assert "python -m pip install -q --only-binary :all: -c constraints/floors.txt -e .[test]" in floors
     assert floors[-1].startswith("python -m pytest -q -p no:cacheprovider tests/test_engine.py ")
     assert "floors run: msgpack==" in r.stdout
