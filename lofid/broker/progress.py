@@ -6,7 +6,7 @@ import time
 
 PROGRESS_STEP = 5
 # EnCodec decodes the audio span by span while the tokens come (spans.py); after the last
-# token only the last span (at most 3 s of audio, with its context) is decoded and the WAV
+# token only the last span (about 1 s of audio, with its context) is decoded and the WAV
 # is written: a few % of a request's time. The tokens fill the first 97 %; the rest goes
 # out when the worker says the audio is decoded.
 TAIL_SHARE = 0.03

@@ -23,8 +23,9 @@ import numpy as np
 
 # Frames at 50 Hz (the real model's frame rate); chosen by measurement, bench/RESULTS.md.
 FIRST_SPAN = 10      # 0.2 s: the first chunk, small so that sound starts soon
-MAX_SPAN = 150       # 3 s: spans double up to this
-LEFT_CONTEXT = 50    # 1 s decoded before a span and thrown away (EnCodec's LSTM warms up)
+MAX_SPAN = 50        # 1 s: spans double up to this (a player waits about a span longer
+                     # than the machine's speed forces, where generation is slower than real time)
+LEFT_CONTEXT = 25    # 0.5 s decoded before a span and thrown away (EnCodec's LSTM warms up)
 RIGHT_CONTEXT = 10   # 0.2 s decoded after a span: the convolutions' look-ahead, and the fade
 FADE = 5             # 0.1 s crossfade at the start of each span after the first
 MIN_TAIL = 10        # a last span shorter than this is merged into the one before
