@@ -3,7 +3,9 @@
 comes after its play time.
 
 For each case a real lofid (full-size random-weight model, tools/make_full_model.py) runs
-with the case's variant and 2 threads; after a warm-up request it generates the case once
+with the case's variant and 2 threads; after a warm-up request of the default length (30 s:
+a daemon in use has served one; what the pacing learns from it is in
+lofid/worker/pacing.py) it generates the case once
 with ``stream: true`` and once without (another seed, so no cache hit), and records:
 - chunk 0: seconds from the request to the first audio_chunk; ``start_after_sec`` on it;
 - first sound: chunk 0 + start_after_sec, when a player that follows the daemon starts;
@@ -95,7 +97,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="lofid-bench-") as tmp:
             proc, sock = start_daemon(args.model, variant, Path(tmp), args.optimized)
             try:
-                one_request(sock, 5, 1, stream=False)                     # load + warm-up
+                one_request(sock, 30, 1, stream=False)   # load, and a request of the default length before
                 streamed = one_request(sock, duration, 2, stream=True)
                 plain = one_request(sock, duration, 3, stream=False)
             finally:

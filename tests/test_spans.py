@@ -151,6 +151,11 @@ def test_each_request_teaches_the_next_its_step_growth_and_encodec_pace():
     later.codec(20, 0.5)
     assert later.codec_sec_per_frame() == pytest.approx(0.002)
     assert pacing.fit_growth([(p, 0.02) for p in range(1, 60)]) is None   # too few positions to tell
+    short = Pacer(clock, pace)                          # a shorter request keeps the wider fit
+    for position in range(1, 300):
+        clock.now += 0.02
+        short.step(position)
+    assert short.learned().step_growth == pace.step_growth
 
 
 def test_a_busy_minute_barely_moves_the_fitted_growth():

@@ -34,6 +34,7 @@ class Pace:
     """What one request measured, for the next one's prediction."""
     step_growth: float = STEP_GROWTH            # per position, as a share of a step at 0
     codec_sec_per_frame: float | None = None    # EnCodec, once its session is warm
+    growth_positions: int = 0                   # the positions the growth was fitted over
 
 
 class Pacer:
@@ -72,13 +73,17 @@ class Pacer:
 
     def learned(self) -> Pace:
         """This request's pace: EnCodec's seconds per frame after its first run, and the
-        steps' growth fitted over their positions (each kept as before where this request
-        shows too little of it)."""
+        steps' growth fitted over their positions. The growth is a property of the machine
+        and the variant, seen best over many positions: a fit over fewer positions than the
+        one before it (a short request after a long one) keeps the one before."""
         runs = self.codec_runs[1:] or self.codec_runs
         frames = sum(f for f, _ in runs)
         codec = sum(s for _, s in runs) / frames if frames else self.pace.codec_sec_per_frame
         growth = fit_growth(self.step_times)
-        return Pace(self.pace.step_growth if growth is None else growth, codec)
+        positions = max((p for p, _ in self.step_times), default=0)
+        if growth is None or positions < self.pace.growth_positions:
+            return Pace(self.pace.step_growth, codec, self.pace.growth_positions)
+        return Pace(growth, codec, positions)
 
     def base_step_sec(self) -> float:
         """The cost of a step at position 0, from the median observed step."""
