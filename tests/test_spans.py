@@ -163,3 +163,21 @@ def test_a_busy_minute_barely_moves_the_fitted_growth():
     assert pacing.fit_growth(steps) == pytest.approx(1e-3, rel=0.1)
     flat_then_spike = [(p, 0.02 * (10 if p > 900 else 1)) for p in range(1, 1000)]
     assert pacing.fit_growth(flat_then_spike) <= 1e-4
+
+
+def test_the_next_request_follows_the_measured_shape_of_the_steps():
+    """Steps flat for 500 positions, then twice as steep: the profile keeps the bend that
+    one straight line would smooth away."""
+    clock = Clock()
+    pacer = Pacer(clock)
+
+    def cost(p: int) -> float:
+        return 0.02 if p < 500 else 0.02 * (1 + 2e-3 * (p - 500))
+
+    for position in range(1, 1500):
+        clock.now += cost(position)
+        pacer.step(position)
+    pace = pacer.learned()
+    for position in (100, 400, 800, 1400):
+        assert pace.cost(position) * 0.02 == pytest.approx(cost(position), rel=0.05)
+    assert pace.cost(3000) > pace.cost(1400)    # past the profile, it keeps growing

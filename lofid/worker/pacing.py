@@ -7,13 +7,16 @@ step (a step's cost grows with the attention's length), every window's re-prime,
 span's EnCodec run, and finds the chunk that would be latest against its play time. The
 wait is that lateness with a margin, or 0 when generation runs ahead of real time.
 
-How fast a step's cost grows and what an EnCodec frame costs depend on the machine and
-the variant, so each request teaches the next (``Pace``); the first request of a worker
-uses the defaults here, measured on a full-size model (bench/RESULTS.md, "Streaming").
+How a step's cost grows along the positions (its shape: the cache leaving the CPU's caches
+bends it) and what an EnCodec frame costs depend on the machine and the variant, so each
+request teaches the next (``Pace``: the steps' cost per 50 positions, their growth past
+that, EnCodec's pace); the first request of a worker uses the linear defaults here,
+measured on a full-size model (bench/RESULTS.md, "Streaming").
 """
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from collections.abc import Sequence
@@ -35,6 +38,22 @@ class Pace:
     step_growth: float = STEP_GROWTH            # per position, as a share of a step at 0
     codec_sec_per_frame: float | None = None    # EnCodec, once its session is warm
     growth_positions: int = 0                   # the positions the growth was fitted over
+    # a step's cost at each bin's centre, as a share of the first bin's: the measured shape
+    # (the cache's fit in the CPU's caches bends it); the growth carries it past its end
+    profile: tuple[tuple[float, float], ...] = ()
+
+    def cost(self, position: int) -> float:
+        """A step's cost at ``position``, as a share of a step at the first positions."""
+        points = self.profile
+        if not points:
+            return 1 + self.step_growth * position
+        if position <= points[0][0]:
+            return points[0][1]
+        for (x1, y1), (x2, y2) in itertools.pairwise(points):
+            if position <= x2:
+                return y1 + (y2 - y1) * (position - x1) / (x2 - x1)
+        x, y = points[-1]
+        return y + self.step_growth * points[0][1] * (position - x)
 
 
 class Pacer:
@@ -82,14 +101,14 @@ class Pacer:
         growth = fit_growth(self.step_times)
         positions = max((p for p, _ in self.step_times), default=0)
         if growth is None or positions < self.pace.growth_positions:
-            return Pace(self.pace.step_growth, codec, self.pace.growth_positions)
-        return Pace(growth, codec, positions)
+            return Pace(self.pace.step_growth, codec, self.pace.growth_positions, self.pace.profile)
+        return Pace(growth, codec, positions, step_profile(self.step_times))
 
     def base_step_sec(self) -> float:
         """The cost of a step at position 0, from the median observed step."""
         if not self.step_times:
             return 0.0
-        per_base = [sec / (1 + self.pace.step_growth * pos) for pos, sec in self.step_times]
+        per_base = [sec / self.pace.cost(pos) for pos, sec in self.step_times]
         return statistics.median(per_base)
 
     def start_after(self, remaining: Sequence[tuple[str, int]], chunk_offsets_sec: Sequence[float]) -> float:
@@ -97,12 +116,11 @@ class Pacer:
         ``("prime", positions)`` or ``("chunk", frames decoded)``; the chunks after the
         first, whose play times (seconds from the first chunk's start) are
         ``chunk_offsets_sec``. -> seconds to wait before playing the first chunk."""
-        base, growth = self.base_step_sec(), self.pace.step_growth
-        codec = self.codec_sec_per_frame()
+        base, codec = self.base_step_sec(), self.codec_sec_per_frame()
         elapsed, lateness, chunk = 0.0, 0.0, 0
         for kind, n in remaining:
             if kind == "step":
-                elapsed += base * (1 + growth * n)
+                elapsed += base * self.pace.cost(n)
             elif kind == "prime":
                 elapsed += base * PREFILL_SHARE * n
             else:
@@ -114,16 +132,31 @@ class Pacer:
         return round(lateness, 3) if lateness > SLACK_SEC else 0.0
 
 
+def _bins(step_times: Sequence[tuple[int, float]]) -> list[tuple[float, float]]:
+    """(bin centre, median step time) of each bin of ``GROWTH_BIN`` positions with enough
+    steps in it, in order."""
+    bins: dict[int, list[float]] = {}
+    for position, seconds in step_times:
+        bins.setdefault(position // GROWTH_BIN, []).append(seconds)
+    return sorted(((b + 0.5) * GROWTH_BIN, statistics.median(v)) for b, v in bins.items()
+                  if len(v) >= GROWTH_BIN // 2)
+
+
+def step_profile(step_times: Sequence[tuple[int, float]]) -> tuple[tuple[float, float], ...]:
+    """Each bin's median step time as a share of the first bin's (``Pace.profile``)."""
+    points = _bins(step_times)
+    if not points or points[0][1] <= 0:
+        return ()
+    first = points[0][1]
+    return tuple((x, y / first) for x, y in points)
+
+
 def fit_growth(step_times: Sequence[tuple[int, float]]) -> float | None:
     """A step's cost as ``a * (1 + growth * position)``, fitted robustly: the median step
     time of each bin of ``GROWTH_BIN`` positions, the median of the slopes between bins
     (one busy minute on a shared machine moves it little), as a share of the cost at 0,
     within ``[0, MAX_GROWTH]``. None with fewer than ``MIN_BINS`` bins to go on."""
-    bins: dict[int, list[float]] = {}
-    for position, seconds in step_times:
-        bins.setdefault(position // GROWTH_BIN, []).append(seconds)
-    points = sorted(((b + 0.5) * GROWTH_BIN, statistics.median(v)) for b, v in bins.items()
-                    if len(v) >= GROWTH_BIN // 2)
+    points = _bins(step_times)
     if len(points) < MIN_BINS:
         return None
     slope = statistics.median((y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(points)
