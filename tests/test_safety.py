@@ -264,7 +264,7 @@ def test_a_generate_whose_download_failed_resets_the_model_state(make_daemon, sh
     from fakehub import FakeHub, write_random_model
 
     with FakeHub(write_random_model(short_tmp / "served", onnx_size=200_000)) as hub:
-        hub.drop_after("small_i8/decoder_model_merged.onnx", 50_000)
+        hub.drop_after("small_i8/decoder_model_merged.onnx", 50_000, times=None)  # every retry too
         d = make_daemon(model_dir=None, env=hub.env(short_tmp / "hf"), allow_download=True, idle_exit_sec=2)
         with d.client() as c:
             r = gen(c, "needs the model step=0")
