@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lofictl import service
 from lofictl.client import Disconnected
-from lofictl.connect import cli_flags, running, stop, warn_if_settings_differ
+from lofictl.connect import cli_flags, running, running_status, stop, warn_if_settings_differ
 from lofictl.output import SERVICE_FAILED, CliError, emit, human_bytes, note
 from lofid import config, dependencies
 from lofid.errors import LofiError
@@ -18,11 +18,7 @@ from lofid.errors import LofiError
 def cmd_config(args, settings) -> int:
     """The running lofid's settings when one answers (it keeps those it started with), else
     the ones a lofid started from this shell would have; where each comes from; every path."""
-    status = None
-    client = running(args, settings)
-    if client is not None:
-        with client:
-            status = client.call("status")
+    status = running_status(args, settings)
     if status is not None and isinstance(status.get("settings"), dict):
         warn_if_settings_differ(status, settings, args)
         shown_settings = config.from_dict(status["settings"], "the running lofid's status")

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from lofictl.client import Client, Disconnected
-from lofictl.connect import connect, running, stop, warn_if_settings_differ
+from lofictl.connect import connect, running_status, stop, warn_if_settings_differ
 from lofictl.output import (
     CANCELLED,
     DISCONNECTED,
@@ -312,11 +312,7 @@ def cmd_play(args, settings) -> int:
 def cmd_models(args, settings) -> int:
     if args.models_cmd == "download":
         return models_download(args, settings)
-    status = None
-    client = running(args, settings)
-    if client is not None:
-        with client:
-            status = client.call("status")
+    status = running_status(args, settings)
     if status is not None and isinstance(status.get("settings"), dict):
         note(f"the models as the running lofid (pid {status['pid']}) sees them")
         warn_if_settings_differ(status, settings, args)

@@ -37,6 +37,15 @@ def running(args, settings: config.Settings) -> Client | None:
         raise CliError(NOT_RUNNING, f"cannot connect to {settings.socket}: {e.strerror or e}") from None
 
 
+def running_status(args, settings: config.Settings) -> dict | None:
+    """The running lofid's status, or None where nothing answers (never starts one)."""
+    client = running(args, settings)
+    if client is None:
+        return None
+    with client:
+        return client.call("status")
+
+
 def connect(args, settings: config.Settings, *, start: bool = False, check_settings: bool = True) -> Client:
     """Connect to lofid; with ``start`` (and without --no-start) start it in the background
     when nothing answers, else fail with NOT_RUNNING."""
