@@ -110,6 +110,17 @@ def shutdown_daemon_at(sock: Path) -> None:
         pass
 
 
+def wait_for(predicate, timeout=20.0, what="condition"):
+    """``predicate()``'s first true value, polled until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def _pythonpath() -> str:
     parts = [str(ROOT / "tests"), str(ROOT), str(ROOT / "clients" / "cli")]
     if os.environ.get("PYTHONPATH"):

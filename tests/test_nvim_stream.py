@@ -11,6 +11,7 @@ import wave
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 from nvim.editor import LAST_TRACK, editors, fake_player, needs_nvim, pid_alive
 
 pytestmark = needs_nvim
@@ -35,15 +36,6 @@ def samples(wav: str) -> bytes:
     with wave.open(wav) as w:
         assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, 32000)
         return w.readframes(w.getnframes())
-
-
-def wait_for(fn, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while not (value := fn()):
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.05)
-    return value
 
 
 def test_play_from_the_stream(daemon, start_nvim, short_tmp):

@@ -16,21 +16,12 @@ import time
 import wave
 
 import pytest
+from conftest import wait_for
 
 from lofid.errors import LofiError
 
 KILL_ROUNDS = 11  # two worker SIGKILLs per round: 22 in all
 FAULT_SEED = int(os.environ.get("LOFID_FAULT_SEED", "20240508"))
-
-
-def wait_for(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def expect_error(c, track_id, code="MODEL_INFERENCE_FAILED", timeout=30):

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE_MODEL, SCRIPTED_ENGINE, _pythonpath, make_fake_model, shutdown_daemon_at
+from conftest import FIXTURE_MODEL, SCRIPTED_ENGINE, _pythonpath, make_fake_model, shutdown_daemon_at, wait_for
 from hog import Hog
 
 from lofid.errors import LofiError
@@ -34,16 +34,6 @@ def expect_error(c, track_id, timeout=60):
     with pytest.raises(LofiError) as e:
         c.wait_track(track_id, timeout=timeout)
     return e.value
-
-
-def wait_for(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # ------------------------------------------------------- 1. only lofid's own files are removed
